@@ -1,0 +1,50 @@
+# driver-plugin: every developer and CI entry point.
+# `make demo` and `make test` need only python3 (>= 3.11) and make; the rest say what they need.
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+IMAGE  ?= driver-plugin:0.1.0
+
+.PHONY: demo test lint typecheck pytest configmap check-configmap image e2e bench clean
+
+## demo: mock kfp-driver-server + plugin on loopback, the calls of a KFP hello-world run
+demo:
+	$(PYTHON) demo.py
+
+## test: install the pinned dev tools into .venv, then lint, type-check and run every test
+test: lint typecheck pytest
+
+$(VENV)/.installed: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+lint: $(VENV)/.installed
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(VPY) -m mypy
+
+pytest: $(VENV)/.installed
+	$(VPY) -m pytest
+
+## configmap: regenerate the plugin ConfigMap from plugin.yaml (never touches README.md)
+configmap: $(VENV)/.installed
+	$(VPY) tools/build_configmap.py plugin.yaml
+
+## image: build the distroless image (needs docker)
+image:
+	docker build -t $(IMAGE) .
+
+## e2e: kind cluster + Argo + mock driver server + real workflows (needs docker, kind, kubectl)
+e2e:
+	IMAGE=$(IMAGE) bash e2e/run.sh
+
+## bench: latency/throughput/RSS through the plugin against the direct path (installs wrk, nginx)
+bench: $(VENV)/.installed
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results
