@@ -1,0 +1,1165 @@
+#!/usr/bin/env python3
+"""Mock kfp-driver-server: the upstream that driver_plugin.py forwards Argo agent calls to.
+
+Used by ``demo.py``, by the test suite and by the kind e2e (``python3 mock_driver_server.py
+--host 0.0.0.0 --port 8080``). Standard library only; never part of the production image.
+
+Contract (docs/CONTRACT.md, "mock_driver_server.py"):
+
+* ``POST /api/v1/template.execute`` takes the Argo agent's ``ExecuteTemplateArgs`` body verbatim,
+  ``{"workflow":{"metadata":{...}},"template":{...,"plugin":{"driver-plugin":{"args":{...}}}}}``,
+  and answers as KFP's driver would for ``args.type`` ``ROOT_DAG``, ``DAG`` or ``CONTAINER``.
+  Argument values may be strings, numbers or booleans; unknown keys and the ``*_path`` keys are
+  ignored; ``run_id`` falls back to ``workflow.metadata.uid``.
+* Reply shape ``node`` (default; the in-sidecar KFP server of PR #13171): ``200
+  {"node":{"phase":"Succeeded","message":"","outputs":{"parameters":[{"name":..,"value":..}]}}}``
+  with ``execution-id`` (when not 0), ``iteration-count`` (DAG types), ``cached-decision``
+  (CONTAINER, when the task runs), ``condition`` and ``pod-spec-patch`` (always, ``""`` when
+  none). A driver error is ``200`` with ``phase: "Failed"`` and
+  ``message: "unable to drive execution: KFP driver: ..."``.
+* Reply shape ``flat`` (the central-server PoC of PR #13251): ``200 {"execution-id":"42",...}``
+  with the same names, empty values and a ``nil`` condition omitted, no trailing newline. A
+  driver error is ``500`` text ``driver execution failed: KFP driver: ...``.
+* Test knobs inside the args: ``mock_delay`` (Go duration such as ``45s`` or ``500ms``, or a
+  number of seconds: sleep before answering), ``mock_fail`` (answer ``500`` text
+  ``driver execution failed: <reason>``), ``mock_shape`` (``node``/``flat``, overrides
+  ``--shape``).
+* Errors: a body that is not an agent call for ``driver-plugin`` is ``400`` text, a POST without
+  ``Content-Length`` ``411``, a body over 8 MiB ``413``; unknown path ``404``; wrong method
+  ``405``. A call still sleeping on ``mock_delay`` when the server shuts down gets ``503``.
+* ``GET /healthz``: ``200 ok\\n``. ``GET /calls``: a JSON object mapping each call key
+  ``<run_id>/<task_name or type>/<iteration_index>`` to the number of executions (every parsed
+  call, counted when it starts, so a slow call is visible while it sleeps), plus
+  ``_bearer_present`` and ``_bearer_absent`` counting ``template.execute`` requests with and
+  without an ``Authorization: Bearer`` header. Call keys always contain ``/``; those two never do.
+
+How outputs are computed (deterministic for a given sequence of calls in one process):
+
+* ``execution-id``: ROOT_DAG gets one ID per ``run_id`` (a retry returns the same ID, as KFP's
+  ``run/<run_id>`` execution does); every DAG and CONTAINER call takes the next value of a
+  process-wide counter that starts at 1 and is shared with the root IDs.
+* ``iteration-count``: DAG with ``iteration_index < 0`` and a task ``parameterIterator`` whose
+  ``items.raw`` is a JSON list (or whose ``items.inputParameter`` names a task input with a
+  constant list): the item count; otherwise ``"0"``. ROOT_DAG always ``"0"``.
+* ``condition``: ``"nil"`` without ``task.triggerPolicy.condition``. Otherwise a small
+  evaluator: ``true``/``false`` literals, or one ``A == B`` / ``A != B`` whose operands are
+  quoted strings, numbers, booleans or ``inputs.parameter_values['x']`` with a
+  ``runtimeValue.constant`` in the task's inputs. Anything it cannot resolve counts as
+  ``"true"``. ROOT_DAG is always ``"nil"``.
+* ``cached-decision`` (CONTAINER, omitted when the condition is false): ``"true"`` only if
+  caching is on for the task (``task.cachingOptions.enableCache`` is true and ``cache_disabled``
+  is false) and an earlier cacheable call in this process had the same fingerprint (SHA-256 over
+  pipeline_name, task_name, iteration_index, component, container and the task's inputs; the run
+  is not part of it, as with KFP's cross-run cache). Otherwise ``"false"``.
+* ``pod-spec-patch`` (CONTAINER):
+  ``{"containers":[{"name":"main","image":..,"command":[..],"args":[..]}]}`` from the
+  ``container`` arg (image default ``busybox``; without a command ``sh -c "echo ok"``); ``""`` on
+  a cache hit or a false condition.
+* Driver errors (KFP would exit non-zero): unknown ``type``; missing ``run_id``; a non-integer
+  index or parent ID; ``task``/``component``/``container`` that are not JSON objects; ROOT_DAG
+  with a ``task``, a non-zero ``dag_execution_id`` or ``iteration_index >= 0``; DAG/CONTAINER
+  without a positive ``dag_execution_id``; an unparsable ``parameterIterator`` list.
+
+Logging: one JSON line per request on stderr (method, path, status, call key, milliseconds).
+Bodies and tokens are never logged; only the presence of a bearer token is recorded.
+
+``agent_body()`` and ``foreign_body()`` build the exact compact JSON the Argo agent sends for
+KFP's ``system-container-driver`` / ``system-dag-driver`` templates and for another plugin's
+template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.server
+import json
+import re
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from types import FrameType
+from typing import Final, Literal, TypedDict
+
+# Constants ####
+
+PLUGIN_KEY: Final = "driver-plugin"
+EXECUTE_PATH: Final = "/api/v1/template.execute"
+MAX_BODY: Final = 8 * 1024 * 1024
+DEFAULT_IMAGE: Final = "busybox"
+DRIVER_TYPES: Final = ("ROOT_DAG", "DAG", "CONTAINER")
+
+Shape = Literal["node", "flat"]
+SHAPES: Final[tuple[Shape, ...]] = ("node", "flat")
+
+# Route -> the one method it answers.
+_ROUTES: Final[dict[str, str]] = {EXECUTE_PATH: "POST", "/healthz": "GET", "/calls": "GET"}
+
+
+class BadRequest(Exception):
+    """The body is not an agent call this server understands (HTTP 400)."""
+
+
+class DriverError(Exception):
+    """KFP's driver would exit non-zero (node shape: phase Failed; flat shape: HTTP 500)."""
+
+
+# Go durations ####
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNIT: Final[dict[str, float]] = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,  # Go accepts the micro sign and the Greek mu
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go ``time.ParseDuration`` string (``45s``, ``1m30s``, ``500ms``, ``0``).
+
+    Raises ValueError for anything Go would reject (``""``, ``"5"``, ``"5 s"``).
+    """
+    rest = text.strip()
+    sign = 1.0
+    if rest.startswith(("+", "-")):
+        sign = -1.0 if rest[0] == "-" else 1.0
+        rest = rest[1:]
+    if rest == "0":
+        return 0.0
+    total = 0.0
+    pos = 0
+    for match in _DURATION_PART.finditer(rest):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNIT[match.group(2)]
+        pos = match.end()
+    if pos == 0 or pos != len(rest):
+        raise ValueError(f"invalid duration {text!r}")
+    return sign * total
+
+
+# Argument values ####
+# KFP's compiler output, the PoC DTOs and hand-written workflows disagree on value types
+# ("-1" vs -1, false vs "false"), so every reader accepts all of them.
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _short(value: object) -> str:
+    text = _text(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _as_int(value: object, name: str, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise DriverError(f"invalid {name} {value!r}: not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        stripped = value.strip()
+        if not stripped:
+            return default
+        try:
+            return int(stripped)
+        except ValueError:
+            pass
+    raise DriverError(f"invalid {name} {_short(value)!r}: not an integer")
+
+
+def _as_bool(value: object, name: str) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value != 0
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no", ""):
+            return False
+    raise DriverError(f"invalid {name} {_short(value)!r}: not a boolean")
+
+
+def _json_object(value: object, name: str) -> dict[str, object]:
+    """A JSON-object argument, given as JSON text (what KFP sends) or already as an object."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        stripped = value.strip()
+        if not stripped:
+            return {}
+        if stripped.startswith("@"):
+            raise DriverError(f"{name}: @file references are not supported by the mock")
+        try:
+            parsed: object = json.loads(stripped)
+        except (ValueError, RecursionError):
+            raise DriverError(f"failed to unmarshal {name}: not valid JSON") from None
+        if isinstance(parsed, dict):
+            return parsed
+    raise DriverError(f"{name} is not a JSON object")
+
+
+def _get_dict(obj: Mapping[str, object], key: str) -> dict[str, object]:
+    value = obj.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _has_bearer(header: str | None) -> bool:
+    if header is None:
+        return False
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and bool(token.strip())
+
+
+# Requests ####
+
+
+@dataclass(frozen=True)
+class AgentCall:
+    """The parts of an Argo agent ``template.execute`` body the mock reads."""
+
+    workflow_name: str
+    namespace: str
+    uid: str
+    args: Mapping[str, object]
+
+    @property
+    def driver_type(self) -> str:
+        return _text(self.args.get("type")).strip()
+
+    @property
+    def run_id(self) -> str:
+        return _text(self.args.get("run_id")).strip() or self.uid
+
+    @property
+    def key(self) -> str:
+        """``<run_id>/<task_name or type>/<iteration_index>``: the ``/calls`` counter key."""
+        name = _text(self.args.get("task_name")).strip() or self.driver_type
+        raw_index = self.args.get("iteration_index")
+        try:
+            index = str(_as_int(raw_index, "iteration_index", -1))
+        except DriverError:
+            index = _text(raw_index)
+        return f"{self.run_id}/{name}/{index}"
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Test knobs carried in the args (never sent by KFP)."""
+
+    delay: float
+    fail: str | None
+    shape: Shape | None
+
+
+def parse_agent_call(body: bytes) -> AgentCall:
+    """Parse an agent body; BadRequest unless it carries ``template.plugin.driver-plugin.args``."""
+    try:
+        doc: object = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("body is not a JSON object")
+    template = doc.get("template")
+    if not isinstance(template, dict):
+        raise BadRequest("body has no template object")
+    plugin = _get_dict(template, "plugin")
+    entry = plugin.get(PLUGIN_KEY)
+    args = entry.get("args") if isinstance(entry, dict) else None
+    if not isinstance(args, dict):
+        raise BadRequest(f"body has no template.plugin.{PLUGIN_KEY}.args object")
+    meta = _get_dict(_get_dict(doc, "workflow"), "metadata")
+    return AgentCall(
+        workflow_name=_text(meta.get("name")),
+        namespace=_text(meta.get("namespace")),
+        uid=_text(meta.get("uid")),
+        args=args,
+    )
+
+
+def parse_knobs(args: Mapping[str, object]) -> Knobs:
+    """The mock_* knobs; BadRequest for values a test could only have meant by mistake."""
+    raw_delay = args.get("mock_delay")
+    delay = 0.0
+    if isinstance(raw_delay, str) and raw_delay.strip():
+        try:
+            delay = parse_go_duration(raw_delay)
+        except ValueError:
+            raise BadRequest("mock_delay is not a Go duration") from None
+    elif isinstance(raw_delay, int | float) and not isinstance(raw_delay, bool):
+        delay = float(raw_delay)
+    elif raw_delay not in (None, ""):
+        raise BadRequest("mock_delay is not a Go duration")
+
+    raw_fail = args.get("mock_fail")
+    fail: str | None
+    if raw_fail is None or raw_fail is False or raw_fail == "":
+        fail = None
+    elif raw_fail is True:
+        fail = "mock_fail"
+    else:
+        fail = _text(raw_fail)
+
+    raw_shape = args.get("mock_shape")
+    shape: Shape | None = None
+    if raw_shape == "node":
+        shape = "node"
+    elif raw_shape == "flat":
+        shape = "flat"
+    elif raw_shape not in (None, ""):
+        raise BadRequest("mock_shape must be node or flat")
+    return Knobs(delay=max(0.0, delay), fail=fail, shape=shape)
+
+
+# Outputs ####
+
+
+class NodeParameter(TypedDict):
+    name: str
+    value: str
+
+
+class NodeOutputs(TypedDict):
+    parameters: list[NodeParameter]
+
+
+class NodeResult(TypedDict, total=False):
+    phase: str
+    message: str
+    outputs: NodeOutputs
+
+
+class ExecuteReply(TypedDict):
+    node: NodeResult
+
+
+@dataclass(frozen=True)
+class DriverOutputs:
+    """What one driver run produced; ``None`` means the driver does not write that output."""
+
+    execution_id: str
+    iteration_count: str | None  # DAG types only
+    cached_decision: str | None  # CONTAINER, only when the task runs
+    condition: str  # "true" / "false" / "nil"
+    pod_spec_patch: str  # "" when there is none
+
+    def parameters(self) -> list[NodeParameter]:
+        """The node-shape parameters, in the order PR #13171's server emits them."""
+        params: list[NodeParameter] = []
+        if self.execution_id not in ("", "0"):
+            params.append({"name": "execution-id", "value": self.execution_id})
+        if self.iteration_count is not None:
+            params.append({"name": "iteration-count", "value": self.iteration_count})
+        if self.cached_decision is not None:
+            params.append({"name": "cached-decision", "value": self.cached_decision})
+        params.append({"name": "condition", "value": self.condition})
+        params.append({"name": "pod-spec-patch", "value": self.pod_spec_patch})
+        return params
+
+    def node_reply(self) -> ExecuteReply:
+        return {
+            "node": {
+                "phase": "Succeeded",
+                "message": "",
+                "outputs": {"parameters": self.parameters()},
+            }
+        }
+
+    def flat_reply(self) -> dict[str, str]:
+        """The PoC shape: empty values and a nil condition are left out."""
+        return {
+            p["name"]: p["value"]
+            for p in self.parameters()
+            if p["value"] != "" and not (p["name"] == "condition" and p["value"] == "nil")
+        }
+
+
+def _constant_inputs(task: Mapping[str, object]) -> dict[str, object]:
+    """Task inputs whose value is a compile-time constant (``runtimeValue.constant``)."""
+    params = _get_dict(_get_dict(task, "inputs"), "parameters")
+    constants: dict[str, object] = {}
+    for name, spec in params.items():
+        if isinstance(spec, dict):
+            runtime = _get_dict(spec, "runtimeValue")
+            if "constant" in runtime:
+                constants[name] = runtime["constant"]
+    return constants
+
+
+_UNRESOLVED: Final = object()
+_PARAM_REF = re.compile(r"""inputs\.parameter_values\[\s*(['"])(?P<name>[^'"]+)\1\s*\]""")
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def _operand(text: str, constants: Mapping[str, object]) -> object:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    if text in ("true", "false"):
+        return text == "true"
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    ref = _PARAM_REF.fullmatch(text)
+    if ref is not None and ref.group("name") in constants:
+        value = constants[ref.group("name")]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        return value
+    return _UNRESOLVED
+
+
+def evaluate_condition(task: Mapping[str, object]) -> str:
+    """``"nil"`` / ``"true"`` / ``"false"`` for the task's ``triggerPolicy.condition``."""
+    condition = _get_dict(task, "triggerPolicy").get("condition")
+    if not isinstance(condition, str) or not condition.strip():
+        return "nil"
+    expr = condition.strip()
+    if expr in ("true", "false"):
+        return expr
+    for op in ("==", "!="):
+        left, found, right = expr.partition(op)
+        if not found:
+            continue
+        constants = _constant_inputs(task)
+        a, b = _operand(left, constants), _operand(right, constants)
+        if a is _UNRESOLVED or b is _UNRESOLVED:
+            return "true"
+        equal = a == b if isinstance(a, float) and isinstance(b, float) else _text(a) == _text(b)
+        return "true" if equal == (op == "==") else "false"
+    return "true"
+
+
+def iteration_count(task: Mapping[str, object], iteration_index: int) -> str:
+    """Item count of a ParallelFor DAG task that is not itself an iteration; else ``"0"``."""
+    if iteration_index >= 0:
+        return "0"
+    items = _get_dict(_get_dict(task, "parameterIterator"), "items")
+    raw: object
+    if "raw" in items:
+        raw = items["raw"]
+    elif "inputParameter" in items:
+        raw = _constant_inputs(task).get(_text(items["inputParameter"]))
+    else:
+        return "0"
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise DriverError("parameterIterator items are not a JSON list") from None
+    if isinstance(raw, list):
+        return str(len(raw))
+    if raw is None:
+        return "0"
+    raise DriverError("parameterIterator items are not a JSON list")
+
+
+def pod_spec_patch(container: Mapping[str, object]) -> str:
+    """The compact JSON pod spec patch for a CONTAINER task that runs."""
+    image = container.get("image")
+    command = container.get("command")
+    args = container.get("args")
+    if not (isinstance(command, list) and command and all(isinstance(c, str) for c in command)):
+        command, args = ["sh", "-c"], ["echo ok"]
+    elif not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+        args = []
+    main = {
+        "name": "main",
+        "image": image if isinstance(image, str) and image else DEFAULT_IMAGE,
+        "command": command,
+        "args": args,
+    }
+    return json.dumps({"containers": [main]}, separators=(",", ":"))
+
+
+def _caching_enabled(task: Mapping[str, object]) -> bool:
+    return _get_dict(task, "cachingOptions").get("enableCache") is True
+
+
+# Driver state ####
+
+
+class MockDriver:
+    """Process-wide driver state: execution IDs, the cache and the per-call counters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next_id = 1
+        self._root_ids: dict[str, int] = {}
+        self._cache: set[str] = set()
+        self._calls: Counter[str] = Counter()
+        self._bearer: Counter[str] = Counter()
+
+    def note_request(self, *, bearer: bool) -> None:
+        with self._lock:
+            self._bearer["_bearer_present" if bearer else "_bearer_absent"] += 1
+
+    def note_call(self, key: str) -> None:
+        with self._lock:
+            self._calls[key] += 1
+
+    def calls(self) -> dict[str, int]:
+        """The ``GET /calls`` document."""
+        with self._lock:
+            doc = dict(sorted(self._calls.items()))
+            doc["_bearer_present"] = self._bearer["_bearer_present"]
+            doc["_bearer_absent"] = self._bearer["_bearer_absent"]
+        return doc
+
+    def _new_id(self) -> int:
+        with self._lock:
+            value = self._next_id
+            self._next_id += 1
+            return value
+
+    def _root_id(self, run_id: str) -> int:
+        with self._lock:
+            if run_id not in self._root_ids:
+                self._root_ids[run_id] = self._next_id
+                self._next_id += 1
+            return self._root_ids[run_id]
+
+    def _cache_lookup(self, fingerprint: str) -> bool:
+        """True on a hit; a miss records the fingerprint, as a successful run would."""
+        with self._lock:
+            hit = fingerprint in self._cache
+            self._cache.add(fingerprint)
+            return hit
+
+    def execute(self, call: AgentCall) -> DriverOutputs:
+        """Run the mock driver for one call; DriverError where KFP's driver would fail."""
+        args = call.args
+        driver_type = call.driver_type
+        if driver_type not in DRIVER_TYPES:
+            raise DriverError(f"unknown driver type {_short(driver_type)!r}")
+        run_id = call.run_id
+        if not run_id:
+            raise DriverError("argument run_id is required")
+        index = _as_int(args.get("iteration_index"), "iteration_index", -1)
+        parent = _as_int(args.get("dag_execution_id"), "dag_execution_id", 0)
+        task = _json_object(args.get("task"), "task")
+        component = _json_object(args.get("component"), "component")
+
+        if driver_type == "ROOT_DAG":
+            if task:
+                raise DriverError("ROOT_DAG does not take a task")
+            if parent != 0:
+                raise DriverError(f"ROOT_DAG takes dag_execution_id 0, got {parent}")
+            if index >= 0:
+                raise DriverError(f"ROOT_DAG takes no iteration_index, got {index}")
+            return DriverOutputs(str(self._root_id(run_id)), "0", None, "nil", "")
+
+        if parent <= 0:
+            raise DriverError(f"{driver_type} needs a positive dag_execution_id, got {parent}")
+        condition = evaluate_condition(task)
+        if driver_type == "DAG":
+            count = "0" if condition == "false" else iteration_count(task, index)
+            return DriverOutputs(str(self._new_id()), count, None, condition, "")
+
+        container = _json_object(args.get("container"), "container")
+        execution_id = str(self._new_id())
+        if condition == "false":
+            return DriverOutputs(execution_id, None, None, condition, "")
+        cacheable = _caching_enabled(task) and not _as_bool(
+            args.get("cache_disabled"), "cache_disabled"
+        )
+        fingerprint = hashlib.sha256(
+            json.dumps(
+                [
+                    _text(args.get("pipeline_name")),
+                    _text(args.get("task_name")),
+                    index,
+                    component,
+                    container,
+                    task.get("inputs"),
+                ],
+                sort_keys=True,
+                separators=(",", ":"),
+            ).encode()
+        ).hexdigest()
+        if cacheable and self._cache_lookup(fingerprint):
+            return DriverOutputs(execution_id, None, "true", condition, "")
+        return DriverOutputs(execution_id, None, "false", condition, pod_spec_patch(container))
+
+
+# Server ####
+
+
+class MockDriverServer(http.server.ThreadingHTTPServer):
+    """Threaded HTTP/1.1 server; ``shutdown()`` also wakes calls sleeping on ``mock_delay``."""
+
+    daemon_threads = True
+    request_queue_size = 128  # socketserver's default of 5 drops SYNs under bursts
+
+    def __init__(self, address: tuple[str, int], shape: Shape, *, log: bool = True) -> None:
+        self.shape: Shape = shape
+        self.log_enabled = log
+        self.driver = MockDriver()
+        self.stopping = threading.Event()
+        self._log_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_address[0]!s}:{self.port}"
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        super().shutdown()
+
+    def log(self, **fields: object) -> None:
+        if self.log_enabled:
+            line = json.dumps(fields, separators=(",", ":")) + "\n"
+            with self._log_lock:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    timeout = 60  # idle keep-alive connections give their thread back
+    server_version = "mock-kfp-driver/1"
+    server: MockDriverServer
+
+    _started = 0.0
+    _key = ""
+
+    # Plumbing ####
+
+    def log_message(self, format: str, *args: object) -> None:
+        # Stdlib messages (bad request lines and the like); the request line carries no secrets.
+        self.server.log(msg="http", detail=format % args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # Replaces the stdlib's HTML error page (headers and body in two writes).
+        self.close_connection = True
+        self._reply(code, f"{message or HTTPStatus(code).phrase}\n".encode(), "text/plain")
+
+    def _reply(
+        self, status: int, body: bytes, content_type: str, *, allow: str | None = None
+    ) -> None:
+        """Status line, headers and body in one write: no Nagle/delayed-ACK stall."""
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        head = [
+            f"HTTP/1.1 {status} {phrase}",
+            f"Server: {self.server_version}",
+            f"Date: {self.date_time_string()}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+        ]
+        if allow is not None:
+            head.append(f"Allow: {allow}")
+        if self.close_connection:
+            head.append("Connection: close")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        if self.command != "HEAD":
+            data += body
+        self.wfile.write(data)
+        self.server.log(
+            msg="request",
+            method=self.command,
+            path=self.path.split("?", 1)[0][:200],
+            status=status,
+            key=self._key,
+            ms=round((time.monotonic() - self._started) * 1000, 1),
+        )
+
+    def _send_text(self, status: int, text: str, *, allow: str | None = None) -> None:
+        self._reply(status, text.encode(), "text/plain; charset=utf-8", allow=allow)
+
+    def _send_json(self, status: int, doc: object) -> None:
+        self._reply(status, json.dumps(doc, separators=(",", ":")).encode(), "application/json")
+
+    def _read_body(self) -> bytes | None:
+        """The request body by Content-Length; None after an error reply was sent."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True  # cannot find the end of the body: drop the connection
+            self._send_text(411, "send the body with Content-Length, not Transfer-Encoding\n")
+            return None
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            if self.command == "POST":
+                self.close_connection = True
+                self._send_text(411, "Content-Length required\n")
+                return None
+            return b""
+        try:
+            length = int(raw)
+            if length < 0:
+                raise ValueError(raw)
+        except ValueError:
+            self.close_connection = True
+            self._send_text(400, "invalid Content-Length\n")
+            return None
+        if length > MAX_BODY:
+            self.close_connection = True
+            self._send_text(413, f"body over {MAX_BODY} bytes\n")
+            return None
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True  # client went away mid-body; nobody to answer
+            return None
+        return body
+
+    # Routes ####
+
+    def _dispatch(self) -> None:
+        self._started = time.monotonic()
+        self._key = ""
+        body = self._read_body()
+        if body is None:
+            return
+        path = self.path.split("?", 1)[0]
+        method = _ROUTES.get(path)
+        if method is None:
+            self._send_text(404, "not found\n")
+        elif self.command != method:
+            self._send_text(405, "method not allowed\n", allow=method)
+        elif path == EXECUTE_PATH:
+            self._execute(body)
+        elif path == "/healthz":
+            self._send_text(200, "ok\n")
+        else:
+            self._send_json(200, self.server.driver.calls())
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
+
+    def _execute(self, body: bytes) -> None:
+        driver = self.server.driver
+        driver.note_request(bearer=_has_bearer(self.headers.get("Authorization")))
+        try:
+            call = parse_agent_call(body)
+            knobs = parse_knobs(call.args)
+        except BadRequest as exc:
+            self._send_text(400, f"{exc}\n")
+            return
+        self._key = call.key
+        driver.note_call(self._key)
+        shape = knobs.shape or self.server.shape
+        if knobs.delay > 0 and self.server.stopping.wait(knobs.delay):
+            self._send_text(503, "mock driver server is shutting down")
+            return
+        if knobs.fail is not None:
+            self._send_text(500, f"driver execution failed: {knobs.fail}")
+            return
+        try:
+            outputs = driver.execute(call)
+        except DriverError as exc:
+            if shape == "flat":
+                self._send_text(500, f"driver execution failed: KFP driver: {exc}")
+            else:
+                failed: ExecuteReply = {
+                    "node": {
+                        "phase": "Failed",
+                        "message": f"unable to drive execution: KFP driver: {exc}",
+                    }
+                }
+                self._send_json(200, failed)
+            return
+        self._send_json(200, outputs.node_reply() if shape == "node" else outputs.flat_reply())
+
+
+def make_server(
+    host: str = "127.0.0.1", port: int = 0, shape: str = "node", *, log: bool = True
+) -> MockDriverServer:
+    """A bound, listening server; run ``serve_forever()`` on a thread, stop with ``shutdown()``."""
+    if shape == "node":
+        return MockDriverServer((host, port), "node", log=log)
+    if shape == "flat":
+        return MockDriverServer((host, port), "flat", log=log)
+    raise ValueError(f"shape must be one of {', '.join(SHAPES)}, not {shape!r}")
+
+
+# Agent bodies ####
+# What the Argo agent POSTs for KFP's plugin-mode driver templates (kfp-driver.md §3, §4.2): the
+# template after Argo's ProcessArgs (inputs resolved, plugin args substituted, `*_path` args left
+# as unresolved `{{outputs...}}` tags), marshalled by Go: struct fields in declaration order, the
+# plugin args in sorted key order (KFP builds them as a Go map), no spaces, HTML-escaped.
+
+DEFAULT_WORKFLOW_NAME: Final = "hello-world-7xk2p"
+DEFAULT_NAMESPACE: Final = "kubeflow-user-example-com"
+DEFAULT_UID: Final = "3f6c0d2e-7b1a-4c55-9a7e-2b8d1f0c9e41"
+DEFAULT_CREATION_TIMESTAMP: Final = "2026-08-21T10:15:30Z"
+PIPELINE_NAME: Final = "hello-world"
+
+HELLO_ROOT_COMPONENT: Final[dict[str, object]] = {
+    "dag": {
+        "tasks": {
+            "echo": {
+                "cachingOptions": {"enableCache": True},
+                "componentRef": {"name": "comp-echo"},
+                "inputs": {"parameters": {"message": {"componentInputParameter": "message"}}},
+                "taskInfo": {"name": "echo"},
+            }
+        }
+    },
+    "inputDefinitions": {
+        "parameters": {
+            "message": {
+                "defaultValue": "hello world",
+                "isOptional": True,
+                "parameterType": "STRING",
+            }
+        }
+    },
+}
+HELLO_RUNTIME_CONFIG: Final[dict[str, object]] = {"parameterValues": {"message": "hello world"}}
+HELLO_COMPONENT: Final[dict[str, object]] = {
+    "executorLabel": "exec-echo",
+    "inputDefinitions": {
+        "parameters": {
+            "message": {
+                "defaultValue": "hello world",
+                "isOptional": True,
+                "parameterType": "STRING",
+            }
+        }
+    },
+    "outputDefinitions": {
+        "artifacts": {
+            "executor-logs": {
+                "artifactType": {"schemaTitle": "system.Artifact", "schemaVersion": "0.0.1"}
+            }
+        }
+    },
+}
+HELLO_TASK: Final[dict[str, object]] = {
+    "cachingOptions": {"enableCache": True},
+    "componentRef": {"name": "comp-echo"},
+    "inputs": {"parameters": {"message": {"componentInputParameter": "message"}}},
+    "taskInfo": {"name": "echo"},
+}
+HELLO_CONTAINER: Final[dict[str, object]] = {
+    "args": ["hello world"],
+    "command": ["echo"],
+    "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+    "image": DEFAULT_IMAGE,
+    "resources": {
+        "cpuLimit": 0.5,
+        "memoryLimit": 0.536870912,
+        "resourceCpuLimit": "500m",
+        "resourceMemoryLimit": "512Mi",
+    },
+}
+LOOP_ITEMS: Final = ["a", "b", "c"]
+LOOP_COMPONENT: Final[dict[str, object]] = {
+    "dag": {
+        "tasks": {
+            "echo": {
+                "cachingOptions": {"enableCache": True},
+                "componentRef": {"name": "comp-echo"},
+                "inputs": {
+                    "parameters": {
+                        "message": {"componentInputParameter": "pipelinechannel--loop-item-param-1"}
+                    }
+                },
+                "taskInfo": {"name": "echo"},
+            }
+        }
+    },
+    "inputDefinitions": {
+        "parameters": {"pipelinechannel--loop-item-param-1": {"parameterType": "STRING"}}
+    },
+}
+LOOP_TASK: Final[dict[str, object]] = {
+    "componentRef": {"name": "comp-for-loop-2"},
+    "parameterIterator": {
+        "itemInput": "pipelinechannel--loop-item-param-1",
+        "items": {"raw": json.dumps(LOOP_ITEMS)},
+    },
+    "taskInfo": {"name": "for-loop-2"},
+}
+
+JSONSource = str | Mapping[str, object]
+
+
+def go_json(doc: object) -> bytes:
+    """``json.Marshal`` bytes: compact, UTF-8, ``<``/``>``/``&``/U+2028/U+2029 escaped."""
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    # These characters only ever occur inside JSON strings, so replacing them is safe.
+    for char, escaped in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
+        text = text.replace(char, escaped)
+    return text.encode()
+
+
+def _json_text(value: JSONSource) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _workflow(workflow_name: str, namespace: str, uid: str) -> dict[str, object]:
+    return {"metadata": {"name": workflow_name, "namespace": namespace, "uid": uid}}
+
+
+def _param(name: str, value: str, default: str | None = None) -> dict[str, object]:
+    # Argo keeps the declared default next to the resolved value (Parameter field order).
+    if default is None:
+        return {"name": name, "value": value}
+    return {"name": name, "default": default, "value": value}
+
+
+def _output(
+    name: str, default: str | None, *, param_default: str | None = None
+) -> dict[str, object]:
+    value_from: dict[str, object] = {"jsonPath": f"$.{name}"}
+    if default is not None:
+        value_from["default"] = default
+    out: dict[str, object] = {"name": name}
+    if param_default is not None:
+        out["default"] = param_default
+    out["valueFrom"] = value_from
+    return out
+
+
+def _path_tag(name: str) -> str:
+    return "{{outputs.parameters.%s.path}}" % name  # noqa: UP031 - braces would need doubling
+
+
+def agent_body(
+    driver_type: str,
+    *,
+    workflow_name: str = DEFAULT_WORKFLOW_NAME,
+    namespace: str = DEFAULT_NAMESPACE,
+    uid: str = DEFAULT_UID,
+    task_name: str | None = None,
+    dag_execution_id: str | int | None = None,
+    iteration_index: str | int = -1,
+    component: JSONSource | None = None,
+    task: JSONSource | None = None,
+    container: JSONSource | None = None,
+    runtime_config: JSONSource | None = None,
+    kubernetes_config: JSONSource = "",
+    extra_args: Mapping[str, object] | None = None,
+) -> bytes:
+    """The exact body the Argo agent POSTs to a plugin for one KFP driver task.
+
+    ``driver_type`` ``CONTAINER`` gives ``system-container-driver`` (hello-world's ``echo-driver``
+    by default); ``ROOT_DAG`` and ``DAG`` give ``system-dag-driver`` (the ``root-driver``, or a
+    ParallelFor over three items by default). ``dag_execution_id`` defaults to ``0`` for ROOT_DAG
+    and ``1`` otherwise. Mappings passed as component/task/container/runtime_config become compact
+    JSON text, as KFP's compiler emits them. ``extra_args`` is merged into the plugin args last; a
+    ``None`` value removes that key. Deterministic: equal arguments give equal bytes.
+    """
+    if driver_type not in DRIVER_TYPES:
+        raise ValueError(f"driver_type must be one of {', '.join(DRIVER_TYPES)}")
+    is_root = driver_type == "ROOT_DAG"
+    is_container = driver_type == "CONTAINER"
+    if task_name is None:
+        task_name = "" if is_root else ("echo" if is_container else "for-loop-2")
+    if component is None:
+        component = (
+            HELLO_ROOT_COMPONENT if is_root else HELLO_COMPONENT if is_container else LOOP_COMPONENT
+        )
+    if task is None:
+        task = "" if is_root else (HELLO_TASK if is_container else LOOP_TASK)
+    parent = str(dag_execution_id) if dag_execution_id is not None else ("0" if is_root else "1")
+    index = str(iteration_index)
+    component_text, task_text = _json_text(component), _json_text(task)
+
+    args: dict[str, object] = {
+        "type": driver_type,
+        "pipeline_name": PIPELINE_NAME,
+        "run_id": uid,
+        "run_name": workflow_name,
+        "run_display_name": "",
+        "pipeline_job_create_time_utc": DEFAULT_CREATION_TIMESTAMP,
+        "dag_execution_id": parent,
+        "component": component_text,
+        "task": task_text,
+        "task_name": task_name,
+        "iteration_index": index,
+        "condition_path": _path_tag("condition"),
+        "http_proxy": "",
+        "https_proxy": "",
+        "no_proxy": "",
+        "ml_pipeline_server_address": "ml-pipeline.kubeflow.svc.cluster.local",
+        "ml_pipeline_server_port": "8887",
+        "mlmd_server_address": "metadata-grpc-service.kubeflow.svc.cluster.local",
+        "mlmd_server_port": "8080",
+        "cache_disabled": False,
+        "ml_pipeline_tls_enabled": False,
+        "metadata_tls_enabled": False,
+    }
+    inputs: list[dict[str, object]]
+    outputs: list[dict[str, object]]
+    if is_container:
+        container_text = _json_text(HELLO_CONTAINER if container is None else container)
+        k8s_text = _json_text(kubernetes_config)
+        args |= {
+            "container": container_text,
+            "kubernetes_config": k8s_text,
+            "cached_decision_path": _path_tag("cached-decision"),
+            "pod_spec_patch_path": _path_tag("pod-spec-patch"),
+        }
+        name = "system-container-driver"
+        inputs = [
+            _param("component", component_text),
+            _param("task", task_text),
+            _param("container", container_text),
+            _param("task-name", task_name),
+            _param("parent-dag-id", parent),
+            _param("iteration-index", index, "-1"),
+            _param("kubernetes-config", k8s_text, ""),
+        ]
+        outputs = [
+            _output("pod-spec-patch", ""),
+            _output("cached-decision", "false", param_default="false"),
+            _output("condition", "true"),
+        ]
+    else:
+        runtime_text = _json_text(
+            runtime_config
+            if runtime_config is not None
+            else (HELLO_RUNTIME_CONFIG if is_root else "")
+        )
+        args |= {
+            "runtime_config": runtime_text,
+            "execution_id_path": _path_tag("execution-id"),
+            "iteration_count_path": _path_tag("iteration-count"),
+        }
+        name = "system-dag-driver"
+        inputs = [
+            _param("component", component_text),
+            _param("runtime-config", runtime_text, ""),
+            _param("task", task_text, ""),
+            _param("task-name", task_name, ""),
+            _param("parent-dag-id", parent, "0"),
+            _param("iteration-index", index, "-1"),
+            _param("driver-type", driver_type, "DAG"),
+        ]
+        outputs = [
+            _output("execution-id", None),
+            _output("iteration-count", "0"),
+            _output("condition", "true"),
+        ]
+    for key, value in (extra_args or {}).items():
+        if value is None:
+            args.pop(key, None)
+        else:
+            args[key] = value
+
+    body = {
+        "workflow": _workflow(workflow_name, namespace, uid),
+        "template": {
+            "name": name,
+            "inputs": {"parameters": inputs},
+            "outputs": {"parameters": outputs},
+            "metadata": {},
+            "plugin": {PLUGIN_KEY: {"args": dict(sorted(args.items()))}},
+        },
+    }
+    return go_json(body)
+
+
+def foreign_body(
+    plugin_key: str = "hello",
+    *,
+    workflow_name: str = DEFAULT_WORKFLOW_NAME,
+    namespace: str = DEFAULT_NAMESPACE,
+    uid: str = DEFAULT_UID,
+    plugin_value: Mapping[str, object] | None = None,
+) -> bytes:
+    """The body the agent sends every plugin for another plugin's template (``driver-plugin``
+    must answer ``{}``). The default value even has an ``args`` object, like ours."""
+    value = (
+        {"args": {"message": "hello from another plugin"}} if plugin_value is None else plugin_value
+    )
+    body = {
+        "workflow": _workflow(workflow_name, namespace, uid),
+        "template": {
+            "name": plugin_key,
+            "inputs": {},
+            "outputs": {},
+            "metadata": {},
+            "plugin": {plugin_key: dict(value)},
+        },
+    }
+    return go_json(body)
+
+
+# Command line ####
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mock_driver_server.py",
+        description="Mock kfp-driver-server for driver-plugin demos, tests and e2e.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=8080, help="0 picks a free port (default %(default)s)"
+    )
+    parser.add_argument(
+        "--shape", choices=SHAPES, default="node", help="reply shape (default %(default)s)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    ns = parser.parse_args(argv)
+    if not 0 <= ns.port <= 65535:
+        parser.error(f"--port {ns.port} is out of range")
+    try:
+        server = make_server(ns.host, ns.port, ns.shape, log=True)
+    except OSError as exc:
+        print(json.dumps({"msg": "cannot listen", "error": str(exc)}), file=sys.stderr)
+        return 1
+    server.log(msg="listening", host=ns.host, port=server.port, shape=ns.shape)
+    server.log_enabled = not ns.quiet
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        # shutdown() waits for serve_forever(), which runs on this (the main) thread.
+        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+    server.log_enabled = True
+    server.log(msg="stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
