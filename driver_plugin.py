@@ -1,0 +1,1433 @@
+#!/usr/bin/env python3
+"""driver-plugin: the Argo Workflows executor plugin that relays KFP driver calls.
+
+One file, standard library only. It runs as a sidecar in Argo's per-workflow agent pod, answers
+the agent's ``POST /api/v1/template.execute`` calls for ``plugin: {driver-plugin: ...}`` templates
+by forwarding them to the central kfp-driver-server (Kubeflow Pipelines' "standalone driver"
+proposal), and gives only answers the real Argo agent (v3.4 to v4.1) handles correctly:
+
+* ``200`` and a node with a phase for every driver outcome: Succeeded, Failed (the driver said no,
+  or answered something unusable), Running with ``requeue`` (the driver call is still running),
+  Pending with ``requeue`` (the driver server is unreachable: retried until ``--max-outage``).
+* ``200 {}`` for a template that is not ours, so the agent offers it to the next plugin.
+* ``403`` for a wrong or missing agent token, ``400`` for a body that is not an agent call,
+  ``411``/``413`` for a body without length or over ``--max-body``, ``503`` while the agent token
+  cannot be read (the agent retries a 503 and shows its text on the node). Never ``404`` for
+  template.execute: the agent would stop calling this plugin for the rest of the workflow.
+
+Identical calls share one driver call: a call that arrives while the same body is in flight joins
+it, a Succeeded result is replayed for ``--result-ttl``, and a result that completes while nobody
+waits is kept for the next identical call (a Failed one only until it is handed over once, so that
+Argo's ``retryStrategy`` still runs the driver again). The agent re-sends a body after its own 30 s
+timeout and after a restart, and a KFP driver must not run twice.
+
+Security: the agent's token (``--token-file``) is compared in constant time and never leaves the
+pod; upstream calls carry the pod's service-account token instead. Tokens and bodies are never
+logged.
+
+Routes: ``POST /api/v1/template.execute``, ``GET /healthz`` (the process serves), ``GET /readyz``
+(token readable and not draining), ``GET /metrics`` (Prometheus text).
+
+Settings (flag, environment variable after it; the flag wins over the environment):
+
+================== ============================== ==========================================
+flag               environment                    default
+================== ============================== ==========================================
+--host             DRIVER_PLUGIN_HOST             0.0.0.0 (kubelet probes reach the pod IP)
+--port             DRIVER_PLUGIN_PORT             7581 (0 picks a free port)
+--upstream         DRIVER_PLUGIN_UPSTREAM         http://ml-pipeline-driver.kubeflow:8080
+--ca-file          DRIVER_PLUGIN_CA_FILE          none: system CAs (https is always verified)
+--token-file       DRIVER_PLUGIN_TOKEN_FILE       /var/run/argo/token
+--sa-token-file    DRIVER_PLUGIN_SA_TOKEN_FILE    the pod's service-account token (below)
+--plugin-name      DRIVER_PLUGIN_PLUGIN_NAME      driver-plugin
+--reply-deadline   DRIVER_PLUGIN_REPLY_DEADLINE   20s (below Argo's 30 s client timeout)
+--requeue          DRIVER_PLUGIN_REQUEUE          2s
+--upstream-timeout DRIVER_PLUGIN_UPSTREAM_TIMEOUT 10m
+--max-outage       DRIVER_PLUGIN_MAX_OUTAGE       10m
+--max-body         DRIVER_PLUGIN_MAX_BODY         8MiB
+--result-ttl       DRIVER_PLUGIN_RESULT_TTL       10m
+--log-level        DRIVER_PLUGIN_LOG_LEVEL        info (debug, info, warning, error)
+================== ============================== ==========================================
+
+The service-account token defaults to /var/run/secrets/kubernetes.io/serviceaccount/token.
+Durations are Go-style (``500ms``, ``20s``, ``1m30s``), sizes are bytes with an optional ``KiB``,
+``MiB``, ``GiB``, ``KB``, ``MB`` or ``GB`` suffix. Bad settings exit 2 with one line on stderr.
+
+Use as a program: ``python3 driver_plugin.py [flags]``. Use as a library (vendor this file):
+``Settings.from_args(argv, environ)``, ``make_server(settings)``, ``serve(server)``, ``main(argv)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import hmac
+import http.client
+import json
+import math
+import os
+import re
+import secrets
+import select
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+__version__ = "0.1.0"
+__all__ = [
+    "ConfigError",
+    "PluginError",
+    "PluginServer",
+    "Settings",
+    "main",
+    "make_server",
+    "serve",
+]
+
+EXECUTE_PATH = "/api/v1/template.execute"
+
+#: Phases the Argo agent and controller understand; any other string leaves a node unfulfilled.
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Error", "Skipped", "Omitted"})
+RUNNING_PHASES = frozenset({"Pending", "Running"})
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class PluginError(Exception):
+    """Root of every error this module raises on purpose."""
+
+
+class ConfigError(PluginError):
+    """A setting is malformed or inconsistent; main() exits 2 with this message."""
+
+
+class SecretUnavailable(PluginError):
+    """A token file cannot be read; the message says why, never what it holds."""
+
+
+class UpstreamUnavailable(PluginError):
+    """The driver server could not be asked or did not answer: worth asking again."""
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_SIZE_UNITS.update({"KB": 10**3, "MB": 10**6, "GB": 10**9})
+_LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (``1m30s``, ``500ms``) into seconds; raise ValueError otherwise."""
+    text = text.strip()
+    if text == "0":
+        return 0.0
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    total, position = 0.0, 0
+    while position < len(body):
+        match = _DURATION_PART.match(body, position)
+        if match is None:
+            raise ValueError(f"not a duration: {text!r} (use Go syntax such as 500ms, 20s, 2m)")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if not body:
+        raise ValueError(f"not a duration: {text!r}")
+    return sign * total
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds as a Go duration string that ``time.ParseDuration`` accepts."""
+    milliseconds = max(1, round(seconds * 1000))
+    if milliseconds % 1000:
+        return f"{milliseconds}ms"
+    return f"{milliseconds // 1000}s"
+
+
+def parse_size(text: str) -> int:
+    """Parse ``8MiB``, ``64KB`` or a plain byte count."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (use bytes or KiB, MiB, GiB, KB, MB, GB)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"must be positive: {text!r}")
+    return seconds
+
+
+def _port(text: str) -> int:
+    port = int(text) if text.strip().isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"not a TCP port: {text!r}")
+    return port
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in _LOG_LEVELS:
+        raise ValueError(f"unknown log level {text!r} (one of {', '.join(_LOG_LEVELS)})")
+    return text.lower()
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line and exit 2 via main(), not usage + exit
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob, parsed once. Build it with :meth:`from_args`; the fields are the flags."""
+
+    host: str = "0.0.0.0"
+    port: int = field(default=7581, metadata={"parse": _port})
+    upstream: str = "http://ml-pipeline-driver.kubeflow:8080"
+    ca_file: str | None = None
+    token_file: str = "/var/run/argo/token"  # noqa: S105 (a path, not a secret)
+    sa_token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105
+    plugin_name: str = "driver-plugin"
+    reply_deadline: float = field(default=20.0, metadata={"parse": _positive_duration})
+    requeue: float = field(default=2.0, metadata={"parse": _positive_duration})
+    upstream_timeout: float = field(default=600.0, metadata={"parse": _positive_duration})
+    max_outage: float = field(default=600.0, metadata={"parse": parse_duration})
+    max_body: int = field(default=8 << 20, metadata={"parse": parse_size})
+    result_ttl: float = field(default=600.0, metadata={"parse": parse_duration})
+    log_level: str = field(default="info", metadata={"parse": _log_level})
+
+    ENV_PREFIX: ClassVar[str] = "DRIVER_PLUGIN_"
+
+    def __post_init__(self) -> None:
+        if self.reply_deadline >= 30:
+            raise ConfigError(
+                "--reply-deadline must stay below the Argo agent's 30s client timeout"
+            )
+        if self.max_body < 1:
+            raise ConfigError("--max-body must be at least 1 byte")
+        url = urllib.parse.urlsplit(self.upstream)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(
+                f"--upstream must be an http:// or https:// URL, got {self.upstream!r}"
+            )
+        if not self.plugin_name:
+            raise ConfigError("--plugin-name must not be empty")
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Read flags, falling back to ``DRIVER_PLUGIN_*`` variables, then to the defaults."""
+        environ = os.environ if environ is None else environ
+        parser = cls.argument_parser()
+        namespace = parser.parse_args(argv)
+        values: dict[str, Any] = {}
+        for setting in fields(cls):
+            flag = "--" + setting.name.replace("_", "-")
+            env_name = cls.ENV_PREFIX + setting.name.upper()
+            raw = getattr(namespace, setting.name)
+            source = flag
+            if raw is None and env_name in environ:
+                raw, source = environ[env_name], env_name
+            if raw is None:
+                continue
+            parse: Callable[[str], Any] = setting.metadata.get("parse", str)
+            try:
+                values[setting.name] = parse(raw)
+            except ValueError as error:
+                raise ConfigError(f"{source}: {error}") from None
+        return cls(**values)
+
+    @classmethod
+    def argument_parser(cls) -> argparse.ArgumentParser:
+        parser = _ArgumentParser(
+            prog="driver_plugin.py",
+            description="Argo executor plugin that relays KFP driver calls to a kfp-driver-server.",
+        )
+        parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+        for setting in fields(cls):
+            env_name = cls.ENV_PREFIX + setting.name.upper()
+            parser.add_argument(
+                "--" + setting.name.replace("_", "-"),
+                metavar="VALUE",
+                help=f"default {setting.default!r}; environment {env_name}",
+            )
+        return parser
+
+
+###############################################################################
+# Logging #####################################################################
+###############################################################################
+
+
+class JsonLog:
+    """One JSON object per line on a stream. Callers pass fields, never tokens or bodies."""
+
+    def __init__(self, level: str = "info", stream: Any = None) -> None:
+        self.threshold = _LOG_LEVELS[level]
+        self.stream = sys.stderr if stream is None else stream
+        self._lock = threading.Lock()
+
+    def enabled(self, level: str) -> bool:
+        return _LOG_LEVELS[level] >= self.threshold
+
+    def log(self, level: str, msg: str, **fields: Any) -> None:
+        if _LOG_LEVELS[level] < self.threshold:
+            return
+        record = {"ts": _utc_now(), "level": level, "msg": msg, **fields}
+        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        with self._lock:
+            self.stream.write(line)
+            self.stream.flush()
+
+
+def _utc_now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+###############################################################################
+# Metrics #####################################################################
+###############################################################################
+
+
+class Metrics:
+    """Counters, a gauge and a histogram, rendered in the Prometheus text format."""
+
+    UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: dict[str, int] = {}
+        self.in_flight = 0
+        self.coalesced = 0
+        self.replayed = 0
+        self.bucket_counts = [0] * (len(self.UPSTREAM_BUCKETS) + 1)
+        self.upstream_sum = 0.0
+
+    def count_call(self, outcome: str) -> None:
+        with self._lock:
+            self.calls[outcome] = self.calls.get(outcome, 0) + 1
+
+    def observe_upstream(self, seconds: float) -> None:
+        index = next(
+            (i for i, bound in enumerate(self.UPSTREAM_BUCKETS) if seconds <= bound),
+            len(self.UPSTREAM_BUCKETS),
+        )
+        with self._lock:
+            self.bucket_counts[index] += 1
+            self.upstream_sum += seconds
+
+    def add(self, name: str, delta: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + delta)
+
+    def render(self) -> bytes:
+        with self._lock:
+            calls = sorted(self.calls.items())
+            buckets, total = list(self.bucket_counts), self.upstream_sum
+            gauges = (self.in_flight, self.coalesced, self.replayed)
+        lines = [
+            "# HELP driver_plugin_calls_total template.execute calls answered, by outcome.",
+            "# TYPE driver_plugin_calls_total counter",
+        ]
+        lines += [f'driver_plugin_calls_total{{outcome="{name}"}} {n}' for name, n in calls]
+        lines += [
+            "# HELP driver_plugin_in_flight_calls template.execute calls being answered now.",
+            "# TYPE driver_plugin_in_flight_calls gauge",
+            f"driver_plugin_in_flight_calls {gauges[0]}",
+            "# HELP driver_plugin_coalesced_calls_total Calls that joined an identical call.",
+            "# TYPE driver_plugin_coalesced_calls_total counter",
+            f"driver_plugin_coalesced_calls_total {gauges[1]}",
+            "# HELP driver_plugin_replayed_calls_total Calls answered from a kept driver result.",
+            "# TYPE driver_plugin_replayed_calls_total counter",
+            f"driver_plugin_replayed_calls_total {gauges[2]}",
+            "# HELP driver_plugin_upstream_duration_seconds Driver server exchanges, by duration.",
+            "# TYPE driver_plugin_upstream_duration_seconds histogram",
+        ]
+        cumulative = 0
+        for bound, count in zip((*self.UPSTREAM_BUCKETS, math.inf), buckets, strict=True):
+            cumulative += count
+            label = "+Inf" if bound == math.inf else repr(float(bound))
+            lines.append(
+                f'driver_plugin_upstream_duration_seconds_bucket{{le="{label}"}} {cumulative}'
+            )
+        lines.append(f"driver_plugin_upstream_duration_seconds_sum {total}")
+        lines.append(f"driver_plugin_upstream_duration_seconds_count {cumulative}")
+        return ("\n".join(lines) + "\n").encode()
+
+
+###############################################################################
+# Secrets #####################################################################
+###############################################################################
+
+
+class SecretFile:
+    """A token file, read on first use and again whenever it changes on disk (rotation).
+
+    The value never appears in a message: errors describe the path and the process, nothing else.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._signature: tuple[int, int, int] | None = None
+        self._value = b""
+
+    def read(self) -> bytes:
+        try:
+            stat = os.stat(self.path)
+            signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if signature != self._signature:
+                with open(self.path, "rb") as handle:
+                    value = handle.read(64 << 10).strip()
+                self._value, self._signature = value, signature
+        except OSError as error:
+            raise SecretUnavailable(f"{self.path}: {error.strerror or error}") from None
+        if not self._value:
+            # An empty token would accept "Bearer " from anyone: fail closed.
+            raise SecretUnavailable(f"{self.path}: the file is empty")
+        return self._value
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.path)
+
+
+def _identity() -> str:
+    return f"uid {os.getuid()}, gid {os.getgid()}, groups {sorted(set(os.getgroups()))}"
+
+
+def token_problem(error: SecretUnavailable) -> str:
+    """The 503 text for an unreadable agent token: what failed and what Argo expects."""
+    return (
+        f"driver-plugin cannot read the Argo agent token {error}. This process runs as "
+        f"{_identity()}; Argo's agent init writes the token as uid 8737, gid 0, mode 0440, so run "
+        "the sidecar as uid 8737 (or leave runAsUser unset) or with group 0."
+    )
+
+
+###############################################################################
+# Replies #####################################################################
+###############################################################################
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One answer to the agent, encoded once (so it can be kept and replayed as is)."""
+
+    status: int
+    body: bytes
+    outcome: str
+    phase: str | None = None
+    content_type: str = "application/json"
+    close: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def node(cls, node: dict[str, Any], outcome: str, requeue: float | None = None) -> Reply:
+        document: dict[str, Any] = {"node": node}
+        if requeue is not None:
+            document["requeue"] = format_duration(requeue)
+        return cls(200, _dumps(document), outcome, phase=node["phase"])
+
+    @classmethod
+    def failed(cls, message: str, outcome: str) -> Reply:
+        return cls.node({"phase": "Failed", "message": message}, outcome)
+
+    @classmethod
+    def text(cls, status: int, message: str, outcome: str, close: bool = False) -> Reply:
+        body = (message + "\n").encode()
+        return cls(status, body, outcome, content_type="text/plain; charset=utf-8", close=close)
+
+
+def _dumps(document: Any) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+NOT_MINE = Reply(200, b"{}", "foreign")
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
+_QUOTE_LIMIT = 200
+
+
+def _quote(data: bytes) -> str:
+    text = data[:_QUOTE_LIMIT].decode("utf-8", "replace")
+    return json.dumps(text + ("..." if len(data) > _QUOTE_LIMIT else ""), ensure_ascii=False)
+
+
+def parameter_value(value: Any) -> str:
+    """What Argo should store for a parameter: strings as is, anything else as compact JSON.
+
+    Argo's AnyString turns an object or array into "" silently, so structure is encoded here.
+    """
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+_JSON_PATH_STEP = re.compile(
+    r"""\.([A-Za-z_][\w-]*)|\[(\d+)\]|\['((?:[^'\\]|\\.)*)'\]|\["((?:[^"\\]|\\.)*)"\]"""
+)
+_MISSING = object()
+
+
+def json_path(document: Any, path: str) -> Any:
+    """Evaluate the small JSONPath subset KFP uses (``$.a``, ``$.a.b``, ``$['k']``, ``$.a[0]``).
+
+    Returns ``_MISSING`` when the path does not resolve; raises ValueError for other syntax.
+    """
+    path = path.strip()
+    if not path.startswith("$"):
+        raise ValueError(f"unsupported jsonPath {path!r}: must start with $")
+    position, value = 1, document
+    while position < len(path):
+        match = _JSON_PATH_STEP.match(path, position)
+        if match is None:
+            raise ValueError(f"unsupported jsonPath {path!r} at offset {position}")
+        name, index, single, double = match.groups()
+        position = match.end()
+        if index is not None:
+            if not isinstance(value, list) or int(index) >= len(value):
+                return _MISSING
+            value = value[int(index)]
+            continue
+        key = name if name is not None else re.sub(r"\\(.)", r"\1", single or double or "")
+        if not isinstance(value, dict) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+def declared_outputs(template: dict[str, Any]) -> list[dict[str, Any]]:
+    outputs = template.get("outputs")
+    parameters = outputs.get("parameters") if isinstance(outputs, dict) else None
+    if not isinstance(parameters, list):
+        return []
+    return [p for p in parameters if isinstance(p, dict) and isinstance(p.get("name"), str)]
+
+
+def _declared_default(parameter: dict[str, Any]) -> Any:
+    value_from = parameter.get("valueFrom")
+    if isinstance(value_from, dict) and "default" in value_from:
+        return value_from["default"]
+    return parameter.get("default", _MISSING)
+
+
+def _output(parameter: dict[str, Any], value: Any) -> dict[str, Any]:
+    output = {"name": parameter["name"], "value": parameter_value(value)}
+    if isinstance(parameter.get("globalName"), str):
+        output["globalName"] = parameter["globalName"]
+    return output
+
+
+def outputs_from_flat(answer: dict[str, Any], template: dict[str, Any]) -> Reply:
+    """A flat driver answer becomes Succeeded with the declared outputs, as Argo never does.
+
+    Argo's controller ignores ``valueFrom.jsonPath`` on plugin templates, so each declared
+    parameter is resolved here: its jsonPath into the answer, else its defaults.
+    """
+    parameters, missing = [], []
+    for parameter in declared_outputs(template):
+        value_from = parameter.get("valueFrom")
+        path = value_from.get("jsonPath") if isinstance(value_from, dict) else None
+        value: Any = _MISSING
+        if isinstance(path, str):
+            try:
+                value = json_path(answer, path)
+            except ValueError as error:
+                return Reply.failed(f"output {parameter['name']!r}: {error}", "bad_output")
+        elif "value" in parameter:
+            value = parameter["value"]
+        if value is _MISSING or value is None:
+            value = _declared_default(parameter)
+        if value is _MISSING:
+            missing.append(parameter["name"])
+        else:
+            parameters.append(_output(parameter, value))
+    if missing:
+        message = "driver server answer has no value and no default for output(s) " + ", ".join(
+            repr(name) for name in missing
+        )
+        return Reply.failed(message, "bad_output")
+    node: dict[str, Any] = {"phase": "Succeeded"}
+    if parameters:
+        node["outputs"] = {"parameters": parameters}
+    return Reply.node(node, "flat")
+
+
+def normalise_node(
+    node: dict[str, Any], requeue: Any, template: dict[str, Any], default_requeue: float
+) -> Reply:
+    """Make a driver server's node safe for the agent: valid phase, string values, Go requeue."""
+    phase = node.get("phase")
+    if phase not in TERMINAL_PHASES and phase not in RUNNING_PHASES:
+        return Reply.failed(
+            f"driver server answered a node without a valid phase (phase={phase!r})", "bad_reply"
+        )
+    clean: dict[str, Any] = {"phase": phase}
+    if node.get("message") not in (None, ""):
+        clean["message"] = parameter_value(node["message"])
+    if isinstance(node.get("progress"), str):
+        clean["progress"] = node["progress"]
+    outputs = node.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict):
+            return Reply.failed(
+                "driver server answered outputs that are not an object", "bad_reply"
+            )
+        clean_outputs = dict(outputs)
+        parameters = outputs.get("parameters")
+        if parameters is not None:
+            if not isinstance(parameters, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("name"), str) for p in parameters
+            ):
+                return Reply.failed(
+                    "driver server answered output parameters without names", "bad_reply"
+                )
+            clean_outputs["parameters"] = [
+                {**p, "value": parameter_value(p.get("value"))} for p in parameters
+            ]
+        if "result" in outputs:
+            clean_outputs["result"] = parameter_value(outputs["result"])
+        clean["outputs"] = clean_outputs
+    if phase == "Succeeded":
+        _fill_declared_defaults(clean, template)
+    if phase in TERMINAL_PHASES:
+        # A terminal phase with a requeue makes the agent call again for a pruned task.
+        return Reply.node(clean, "relayed")
+    return Reply.node(clean, "relayed", requeue=_requeue_seconds(requeue, default_requeue))
+
+
+def _fill_declared_defaults(node: dict[str, Any], template: dict[str, Any]) -> None:
+    """Add declared outputs the driver omitted but that have a default, so references resolve."""
+    declared = declared_outputs(template)
+    if not declared:
+        return
+    outputs = node.setdefault("outputs", {})
+    parameters = outputs.setdefault("parameters", [])
+    present = {p["name"] for p in parameters}
+    for parameter in declared:
+        default = _declared_default(parameter)
+        if parameter["name"] not in present and default is not _MISSING:
+            parameters.append(_output(parameter, default))
+    if not parameters:
+        del outputs["parameters"]
+    if not outputs:
+        del node["outputs"]
+
+
+def _requeue_seconds(requeue: Any, default: float) -> float:
+    """A Go duration string or a number of seconds; zero, negative or junk means our default.
+
+    A Running or Pending node without a positive requeue is never polled again, so it would hang.
+    """
+    seconds = 0.0
+    if isinstance(requeue, bool):
+        seconds = 0.0
+    elif isinstance(requeue, int | float):
+        seconds = float(requeue)
+    elif isinstance(requeue, str):
+        try:
+            seconds = parse_duration(requeue)
+        except ValueError:
+            seconds = 0.0
+    return seconds if seconds > 0 and math.isfinite(seconds) else default
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    status: int
+    reason: str
+    content_type: str
+    body: bytes
+    location: str = ""
+    #: Set when the exchange produced no usable answer (not HTTP, too large).
+    problem: str = ""
+
+
+def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settings) -> Reply:
+    """The reply table: every driver server answer maps to exactly one agent reply here.
+
+    Transient answers (429, 502, 503, 504) raise UpstreamUnavailable; the caller retries them and
+    turns a lasting outage into Pending, then Failed after ``--max-outage``.
+    """
+    status, body = response.status, response.body
+    described = f"{status} {response.reason}".strip()
+    if response.problem:
+        return Reply.failed(response.problem, "bad_reply")
+    if status in TRANSIENT_STATUSES:
+        raise UpstreamUnavailable(f"driver server answered {described}: {_quote(body)}")
+    if 300 <= status < 400:
+        return Reply.failed(
+            f"driver server redirected ({described}) to {response.location!r}; "
+            "redirects are not followed: check --upstream",
+            "bad_reply",
+        )
+    if status >= 400:
+        reason = body[:_QUOTE_LIMIT].decode("utf-8", "replace").strip()
+        return Reply.failed(f"driver server: {described}: {reason}", "driver_failed")
+    if status != 200:
+        return Reply.failed(
+            f"driver server answered {described} where 200 was expected: {_quote(body)}",
+            "bad_reply",
+        )
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = _MISSING
+    if not isinstance(answer, dict):
+        return Reply.failed(
+            f"driver server answered 200 with something that is not a JSON object "
+            f"(Content-Type {response.content_type or 'none'!r}): {_quote(body)}",
+            "bad_reply",
+        )
+    if "node" in answer:
+        node = answer["node"]
+        if not isinstance(node, dict):
+            return Reply.failed(
+                f"driver server answered without a node (node={_quote(_dumps(node))})", "bad_reply"
+            )
+        return normalise_node(node, answer.get("requeue"), template, settings.requeue)
+    return outputs_from_flat(answer, template)
+
+
+###############################################################################
+# Upstream ####################################################################
+###############################################################################
+
+
+class Upstream:
+    """Keep-alive connections to the driver server, checked out one per call (lock-free list)."""
+
+    #: Idle connections kept; more are closed after use.
+    max_idle = 32
+    #: Seconds allowed to open a connection (bounded again by the caller's deadline).
+    connect_timeout = 5.0
+
+    def __init__(self, settings: Settings) -> None:
+        url = urllib.parse.urlsplit(settings.upstream)
+        self.host = url.hostname or ""
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.path = url.path.rstrip("/") + EXECUTE_PATH
+        self.netloc = url.netloc
+        self.context: ssl.SSLContext | None = None
+        if url.scheme == "https":
+            self.context = ssl.create_default_context()
+            if settings.ca_file:
+                try:
+                    self.context.load_verify_locations(cafile=settings.ca_file)
+                except (OSError, ssl.SSLError) as error:
+                    raise ConfigError(f"--ca-file {settings.ca_file}: {error}") from None
+        self._idle: list[http.client.HTTPConnection] = []
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle keep-alive connection (and True), or a new one (and False)."""
+        while self._idle:
+            try:
+                connection = self._idle.pop()
+            except IndexError:  # another thread took the last one
+                break
+            # Readable while idle means the server closed it (or sent junk): never reuse that.
+            if connection.sock is not None and not _wait_readable(connection.sock, 0):
+                return connection, True
+            connection.close()
+        if self.context is not None:
+            return http.client.HTTPSConnection(self.host, self.port, context=self.context), False
+        return http.client.HTTPConnection(self.host, self.port), False
+
+    def release(self, connection: http.client.HTTPConnection) -> None:
+        if len(self._idle) < self.max_idle:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+    def send(
+        self, body: bytes, headers: dict[str, str], deadline: float
+    ) -> tuple[http.client.HTTPConnection, bool]:
+        """Send the call; return the connection once the answer has started, or False if not yet.
+
+        A reused keep-alive connection that the server closed just now fails while sending; that
+        attempt is repeated once on a fresh connection, since nothing reached the driver.
+        """
+        for _ in range(2):
+            connection, reused = self._connection()
+            try:
+                remaining = max(deadline - time.monotonic(), 0.001)
+                if connection.sock is None:
+                    connection.timeout = min(self.connect_timeout, remaining)
+                else:
+                    connection.sock.settimeout(remaining)
+                connection.request("POST", self.path, body, headers)
+                return connection, _wait_readable(connection.sock, deadline - time.monotonic())
+            except (ConnectionResetError, BrokenPipeError) as error:
+                connection.close()
+                if reused:
+                    continue
+                raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
+        raise UpstreamUnavailable(f"driver server at {self.netloc} keeps closing connections")
+
+    def receive(
+        self, connection: http.client.HTTPConnection, timeout: float, limit: int
+    ) -> UpstreamResponse:
+        """Read the answer on a connection from :meth:`send`; release or close it afterwards."""
+        try:
+            connection.sock.settimeout(max(timeout, 0.001))
+            response = connection.getresponse()
+            body = response.read(limit + 1)
+        except (OSError, http.client.IncompleteRead) as error:
+            connection.close()
+            raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
+        except http.client.HTTPException as error:
+            connection.close()
+            return UpstreamResponse(
+                0, "", "", b"", problem=describe_transport_error(error, self.netloc)
+            )
+        if len(body) > limit:
+            connection.close()
+            problem = f"driver server answer is larger than --max-body ({limit} bytes)"
+            return UpstreamResponse(response.status, response.reason, "", b"", problem=problem)
+        if response.will_close:
+            connection.close()
+        else:
+            self.release(connection)
+        return UpstreamResponse(
+            response.status,
+            response.reason,
+            response.getheader("Content-Type", ""),
+            body,
+            response.getheader("Location", ""),
+        )
+
+
+def _wait_readable(sock: socket.socket, timeout: float) -> bool:
+    """True once the first byte of the answer can be read, False after ``timeout`` seconds."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(max(timeout, 0.0) * 1000))
+
+
+def describe_transport_error(error: BaseException, netloc: str) -> str:
+    """A short, operator-readable reason for a failed exchange with the driver server."""
+    if isinstance(error, socket.gaierror):
+        host = netloc.rsplit(":", 1)[0]
+        return f"driver server unreachable: cannot resolve {host!r} ({error.strerror})"
+    if isinstance(error, ConnectionRefusedError):
+        return f"driver server unreachable: connection refused by {netloc}"
+    if isinstance(error, TimeoutError):
+        return f"driver server at {netloc} timed out"
+    if isinstance(error, ssl.SSLError):
+        return f"driver server at {netloc}: TLS failed: {error.reason or error}"
+    if isinstance(error, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
+        return f"driver server at {netloc} closed the connection before answering"
+    if isinstance(error, http.client.HTTPException):
+        kind = type(error).__name__
+        return f"driver server at {netloc} answered something that is not HTTP ({kind})"
+    return f"driver server at {netloc} failed: {getattr(error, 'strerror', None) or error}"
+
+
+###############################################################################
+# Calls #######################################################################
+###############################################################################
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One driver call in flight; identical calls that arrive meanwhile wait on ``done``."""
+
+    key: bytes
+    done: threading.Event | None = None
+    reply: Reply | None = None
+    waiters: int = 0
+
+
+class CallTable:
+    """Shares driver calls between identical bodies, keeps their results, times outages.
+
+    One lock, held only for dictionary updates. Results are kept in insertion order, which is
+    also expiry order (one TTL), so the oldest entries are the first to go when the table is full.
+    """
+
+    #: Kept results at most (each is one encoded reply of a few hundred bytes to a few KiB).
+    max_results = 4096
+    #: Calls whose outage is being timed, at most.
+    max_outages = 4096
+
+    def __init__(self, result_ttl: float, max_outage: float) -> None:
+        self.result_ttl = result_ttl
+        self.max_outage = max_outage
+        self._lock = threading.Lock()
+        self._in_flight: dict[bytes, Call] = {}
+        self._results: dict[bytes, tuple[float, Reply]] = {}
+        self._outages: dict[bytes, float] = {}
+
+    def begin(self, key: bytes) -> Reply | tuple[Call, bool]:
+        """A kept reply to hand over, or ``(call, owned)``: a new call, or the one in flight."""
+        now = time.monotonic()
+        with self._lock:
+            kept = self._results.get(key)
+            if kept is not None:
+                expires, reply = kept
+                if expires > now and reply.phase == "Succeeded":
+                    return reply
+                del self._results[key]
+                if expires > now:
+                    return reply  # a failure is handed over once, so retryStrategy runs it again
+            call = self._in_flight.get(key)
+            if call is None:
+                call = self._in_flight[key] = Call(key)
+                return call, True
+            call.waiters += 1
+            if call.done is None:
+                call.done = threading.Event()
+            return call, False
+
+    def wait(self, call: Call, timeout: float) -> Reply | None:
+        """Wait for a joined call; None if it is still running when ``timeout`` runs out."""
+        if call.done is not None:  # always set by begin() for a joiner
+            call.done.wait(max(timeout, 0.0))
+        with self._lock:
+            call.waiters -= 1
+            return call.reply
+
+    def finish(self, call: Call, reply: Reply, delivered: bool) -> None:
+        """Record a call's reply; ``delivered`` when its owner is handing it to a caller now."""
+        with self._lock:
+            del self._in_flight[call.key]
+            call.reply = reply
+            keep = reply.phase == "Succeeded" or (
+                reply.phase in TERMINAL_PHASES and not delivered and call.waiters == 0
+            )
+            if keep and self.result_ttl > 0:
+                self._keep(call.key, reply)
+            if call.done is not None:
+                call.done.set()
+
+    def _keep(self, key: bytes, reply: Reply) -> None:
+        results, now = self._results, time.monotonic()
+        results.pop(key, None)
+        while results and (
+            len(results) >= self.max_results or next(iter(results.values()))[0] <= now
+        ):
+            del results[next(iter(results))]
+        results[key] = (now + self.result_ttl, reply)
+
+    def outage(self, key: bytes, reason: str, requeue: float) -> Reply:
+        """Pending while the driver server has been unreachable for less than ``max_outage``."""
+        now = time.monotonic()
+        with self._lock:
+            first = self._outages.get(key)
+            if first is None:
+                if len(self._outages) >= self.max_outages:
+                    del self._outages[next(iter(self._outages))]
+                first = self._outages[key] = now
+            if now - first >= self.max_outage:
+                del self._outages[key]
+                lasted = format_duration(now - first) if now > first else "0s"
+                return Reply.failed(f"{reason} (for {lasted}; giving up)", "outage")
+        return Reply.node({"phase": "Pending", "message": reason}, "pending", requeue=requeue)
+
+    def recovered(self, key: bytes) -> None:
+        if self._outages:
+            with self._lock:
+                self._outages.pop(key, None)
+
+    def sizes(self) -> tuple[int, int, int]:
+        with self._lock:
+            return len(self._in_flight), len(self._results), len(self._outages)
+
+
+###############################################################################
+# HTTP ########################################################################
+###############################################################################
+
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+
+
+def bearer_matches(header: str | None, token: bytes) -> bool:
+    """Constant-time check of ``Authorization: Bearer <token>`` (the scheme is case-insensitive)."""
+    if header is None:
+        return False
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), token)
+
+
+@functools.lru_cache(maxsize=2)
+def _http_date(second: int) -> str:
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
+
+
+class AgentRequestHandler(BaseHTTPRequestHandler):
+    """Serves one agent connection: keep-alive HTTP/1.1, each reply in a single write."""
+
+    protocol_version = "HTTP/1.1"
+    #: Without it a keep-alive reply can wait ~40 ms for a delayed ACK (python/cpython#108736).
+    disable_nagle_algorithm = True
+    #: Seconds a connection may sit idle or stall mid-request before it is dropped.
+    timeout = 60.0
+    server_version = f"driver-plugin/{__version__}"
+
+    server: PluginServer
+    ROUTES: ClassVar[dict[str, dict[str, str]]] = {
+        EXECUTE_PATH: {"POST": "_execute"},
+        "/healthz": {"GET": "_healthz"},
+        "/readyz": {"GET": "_readyz"},
+        "/metrics": {"GET": "_metrics"},
+    }
+
+    def handle_one_request(self) -> None:
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            self.began = time.monotonic()
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self._send(Reply.text(414, "request line too long", "bad_request", close=True))
+                return
+            if self.parse_request():
+                self._dispatch()
+        except OSError:
+            # The client went away or stalled past ``timeout``: nothing left to answer.
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Malformed requests (parse_request's errors) get a short text reply and a close."""
+        self._send(
+            Reply.text(code, message or _PHRASES.get(code, "error"), "bad_request", close=True)
+        )
+
+    def handle_expect_100(self) -> bool:
+        # Refuse an oversized or unsized body before the client sends it: skip the 100 Continue.
+        if isinstance(self._declared_length(), Reply):
+            return True
+        return super().handle_expect_100()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence http.server's access log; every call gets one JSON line instead."""
+
+    def _dispatch(self) -> None:
+        path = self.path.partition("?")[0]
+        methods = self.ROUTES.get(path)
+        self.fields: dict[str, Any] = {}
+        if methods is None:
+            reply = Reply.text(404, f"no route {path!r}", "not_found")
+        elif self.command not in methods:
+            allow = ", ".join(methods)
+            body = f"{path} accepts {allow}\n".encode()
+            reply = Reply(
+                405,
+                body,
+                "bad_method",
+                None,
+                "text/plain; charset=utf-8",
+                headers=(("Allow", allow),),
+            )
+        else:
+            reply = getattr(self, methods[self.command])()
+        if path != EXECUTE_PATH or self.command != "POST":
+            if self._has_body():
+                self.close_connection = True  # its body was not read; do not parse it as a request
+            self._send(reply)
+            return
+        self._send(reply, self.fields.get("request_id"))
+        log = self.server.log
+        if log.enabled("info"):
+            duration = round((time.monotonic() - self.began) * 1000, 3)
+            log.log(
+                "info",
+                "call",
+                status=reply.status,
+                outcome=reply.outcome,
+                phase=reply.phase,
+                duration_ms=duration,
+                **self.fields,
+            )
+        self.server.metrics.count_call(reply.outcome)
+
+    def _send(self, reply: Reply, request_id: str | None = None) -> None:
+        close = reply.close or self.close_connection or self.server.draining
+        lines = [
+            f"HTTP/1.1 {reply.status} {_PHRASES.get(reply.status, '')}",
+            f"Content-Type: {reply.content_type}",
+            f"Content-Length: {len(reply.body)}",
+            f"Date: {_http_date(int(time.time()))}",
+        ]
+        if request_id:
+            lines.append(f"X-Request-ID: {request_id}")
+        lines.extend(f"{name}: {value}" for name, value in reply.headers)
+        if close:
+            self.close_connection = True
+            lines.append("Connection: close")
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + reply.body)
+
+    def _has_body(self) -> bool:
+        return "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
+
+    def _declared_length(self) -> int | Reply:
+        if "Transfer-Encoding" in self.headers:
+            return Reply.text(
+                411, "send the body with Content-Length, not chunked", "no_length", True
+            )
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return Reply.text(411, "Content-Length is required", "no_length", close=True)
+        if not raw.isdigit():
+            return Reply.text(400, "Content-Length is not a number", "bad_request", close=True)
+        length = int(raw)
+        if length > self.server.settings.max_body:
+            limit = self.server.settings.max_body
+            return Reply.text(413, f"body over --max-body ({limit} bytes)", "too_large", True)
+        return length
+
+    # Routes ##################################################################
+
+    def _execute(self) -> Reply:
+        server = self.server
+        if server.draining:
+            return Reply.text(503, "driver-plugin is shutting down; ask again", "draining", True)
+        length = self._declared_length()
+        if isinstance(length, Reply):
+            return length
+        try:
+            token = server.agent_token.read()
+        except SecretUnavailable as error:
+            return Reply.text(503, token_problem(error), "token_unavailable", close=True)
+        if not bearer_matches(self.headers.get("Authorization"), token):
+            return Reply.text(403, "forbidden", "unauthorized", close=True)
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise ConnectionAbortedError("client closed the connection mid-body")
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError) as error:
+            return Reply.text(400, f"body is not JSON: {error}", "bad_request")
+        workflow = document.get("workflow") if isinstance(document, dict) else None
+        template = document.get("template") if isinstance(document, dict) else None
+        if not isinstance(workflow, dict) or not isinstance(template, dict):
+            message = "body must be a JSON object with object-valued workflow and template"
+            return Reply.text(400, message, "bad_request")
+        metadata = workflow.get("metadata")
+        if isinstance(metadata, dict):
+            self.fields["namespace"] = metadata.get("namespace")
+            self.fields["workflow"] = metadata.get("name")
+        self.fields["template"] = template.get("name")
+        plugin = template.get("plugin")
+        if not isinstance(plugin, dict) or server.settings.plugin_name not in plugin:
+            return NOT_MINE
+        request_id = self.fields["request_id"] = server.new_request_id()
+        with server.active():
+            return server.drive(body, template, request_id, self.began, self.fields)
+
+    def _healthz(self) -> Reply:
+        return Reply.text(200, "ok", "health")
+
+    def _readyz(self) -> Reply:
+        if self.server.draining:
+            return Reply.text(503, "draining", "health")
+        try:
+            self.server.agent_token.read()
+        except SecretUnavailable as error:
+            return Reply.text(503, token_problem(error), "health")
+        return Reply.text(200, "ready", "health")
+
+    def _metrics(self) -> Reply:
+        return Reply(
+            200,
+            self.server.metrics.render(),
+            "metrics",
+            content_type="text/plain; version=0.0.4; charset=utf-8",
+        )
+
+
+###############################################################################
+# Server ######################################################################
+###############################################################################
+
+
+class PluginServer(ThreadingHTTPServer):
+    """The sidecar: settings, secrets, the upstream pool and the call table, behind one port."""
+
+    #: The agent opens a burst of connections (16 workers, 2 kept idle); a backlog of 5 drops some.
+    request_queue_size = 128
+    daemon_threads = True
+    allow_reuse_address = True
+    #: Seconds one call may spend retrying an unreachable driver server before answering Pending:
+    #: a call held longer blocks one of the agent's 16 workers.
+    transient_retry_budget = 3.0
+    first_retry_pause = 0.1
+    #: Seconds SIGTERM waits for calls in flight (the pod's grace period is 30 s).
+    drain_grace = 25.0
+
+    def __init__(
+        self,
+        settings: Settings,
+        log: JsonLog | None = None,
+        handler: type[AgentRequestHandler] = AgentRequestHandler,
+    ) -> None:
+        self.settings = settings
+        self.log = log or JsonLog(settings.log_level)
+        self.metrics = Metrics()
+        self.agent_token = SecretFile(settings.token_file)
+        self.sa_token = SecretFile(settings.sa_token_file)
+        self.upstream = Upstream(settings)
+        self.calls = CallTable(settings.result_ttl, settings.max_outage)
+        self.still_running = Reply.node(
+            {"phase": "Running", "message": "driver call still running"},
+            "running",
+            requeue=settings.requeue,
+        )
+        self.draining = False
+        self._active = 0
+        self._idle = threading.Condition()
+        self._ids = iter(range(1, sys.maxsize))
+        self._id_prefix = secrets.token_hex(4)
+        self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        super().__init__((settings.host, settings.port), handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN, a DNS round trip at start-up; skip it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        self.log.log("error", "unexpected error serving a connection", error=repr(error))
+
+    def new_request_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids):x}"
+
+    # Driving calls ###########################################################
+
+    def drive(
+        self,
+        body: bytes,
+        template: dict[str, Any],
+        request_id: str,
+        began: float,
+        fields: dict[str, Any],
+    ) -> Reply:
+        """Answer an owned call within the reply deadline, sharing identical calls."""
+        deadline = began + self.settings.reply_deadline
+        found = self.calls.begin(hashlib.sha256(body).digest())
+        if isinstance(found, Reply):
+            self.metrics.add("replayed")
+            fields["shared"] = "replayed"
+            return found
+        call, owned = found
+        if not owned:
+            self.metrics.add("coalesced")
+            fields["shared"] = "joined"
+            return self.calls.wait(call, deadline - time.monotonic()) or self.still_running
+        reply = self._ask(call, body, template, request_id, deadline, fields=fields)
+        if reply is None:
+            return self.still_running
+        self.calls.finish(call, reply, delivered=True)
+        return reply
+
+    def _upstream_headers(self, request_id: str) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"driver-plugin/{__version__}",
+            "X-Request-ID": request_id,
+        }
+        # Without a token (warned once at start-up) the driver server decides what to allow.
+        with contextlib.suppress(SecretUnavailable):
+            headers["Authorization"] = "Bearer " + self.sa_token.read().decode("ascii", "replace")
+        return headers
+
+    def _ask(
+        self,
+        call: Call,
+        body: bytes,
+        template: dict[str, Any],
+        request_id: str,
+        deadline: float,
+        *,
+        fields: dict[str, Any],
+    ) -> Reply | None:
+        """Ask the driver server, retrying transient failures briefly; None once detached."""
+        headers = self._upstream_headers(request_id)
+        retry_until = min(deadline, time.monotonic() + self.transient_retry_budget)
+        pause = self.first_retry_pause
+        while True:
+            began = time.monotonic()
+            try:
+                connection, answering = self.upstream.send(body, headers, deadline)
+                if not answering:
+                    self._detach(call, connection, template, began, request_id)
+                    return None
+                # The answer has started; allow at least a second for the rest of it.
+                timeout = max(deadline - time.monotonic(), 1.0)
+                response = self.upstream.receive(connection, timeout, self.settings.max_body)
+                self.metrics.observe_upstream(time.monotonic() - began)
+                fields["upstream_status"] = response.status
+                reply = judge(response, template, self.settings)
+                self.calls.recovered(call.key)
+                return reply
+            except UpstreamUnavailable as error:
+                if time.monotonic() + pause >= retry_until:
+                    fields["upstream_error"] = str(error)
+                    return self.calls.outage(call.key, str(error), self.settings.requeue)
+                time.sleep(pause)
+                pause *= 2
+
+    def _detach(
+        self,
+        call: Call,
+        connection: http.client.HTTPConnection,
+        template: dict[str, Any],
+        began: float,
+        request_id: str,
+    ) -> None:
+        """Let a slow driver call run on in its own thread; its result waits in the call table."""
+
+        def finish() -> None:
+            timeout = began + self.settings.upstream_timeout - time.monotonic()
+            try:
+                response = self.upstream.receive(connection, timeout, self.settings.max_body)
+                self.metrics.observe_upstream(time.monotonic() - began)
+                reply = judge(response, template, self.settings)
+                self.calls.recovered(call.key)
+            except UpstreamUnavailable as error:
+                reply = self.calls.outage(call.key, str(error), self.settings.requeue)
+            self.calls.finish(call, reply, delivered=False)
+            self.log.log(
+                "info",
+                "slow driver call finished",
+                request_id=request_id,
+                outcome=reply.outcome,
+                phase=reply.phase,
+                duration_ms=round((time.monotonic() - began) * 1000, 3),
+            )
+
+        threading.Thread(target=finish, name=f"driver-call-{request_id}", daemon=True).start()
+
+    # Lifecycle ###############################################################
+
+    def active(self) -> _Active:
+        return _Active(self)
+
+    def begin_drain(self) -> None:
+        """Stop accepting and mark not ready; safe to call from a signal handler."""
+        if not self.draining:
+            self.draining = True
+            threading.Thread(target=self.shutdown, name="shutdown", daemon=True).start()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+
+class _Active:
+    """Counts a call in flight, so that a drain can wait for it."""
+
+    __slots__ = ("server",)
+
+    def __init__(self, server: PluginServer) -> None:
+        self.server = server
+
+    def __enter__(self) -> None:
+        with self.server._idle:
+            self.server._active += 1
+            self.server.metrics.in_flight = self.server._active
+
+    def __exit__(self, *exc: object) -> None:
+        with self.server._idle:
+            self.server._active -= 1
+            self.server.metrics.in_flight = self.server._active
+            if self.server._active == 0:
+                self.server._idle.notify_all()
+
+
+def make_server(settings: Settings, log: JsonLog | None = None) -> PluginServer:
+    """Build (and bind) the server; tests and embedders call this, then :func:`serve`."""
+    server = PluginServer(settings, log)
+    if not server.sa_token.exists():
+        server.log.log(
+            "warning",
+            "no service-account token: driver calls go without identity",
+            sa_token_file=settings.sa_token_file,
+        )
+    return server
+
+
+def serve(server: PluginServer, handle_signals: bool = True) -> None:
+    """Serve until SIGTERM/SIGINT (or ``begin_drain``), then drain calls in flight and close."""
+    if handle_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: server.begin_drain())
+    host, port = server.server_address[:2]
+    server.log.log(
+        "info",
+        "listening",
+        host=host,
+        port=port,
+        version=__version__,
+        upstream=server.settings.upstream,
+        plugin_name=server.settings.plugin_name,
+    )
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()  # refuse new connections while the calls in flight finish
+        drained = server.wait_idle(server.drain_grace)
+        server.upstream.close()
+        server.log.log("info", "stopped", drained=drained)
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = Settings.from_args(argv)
+        server = make_server(settings)
+    except ConfigError as error:
+        print(f"driver_plugin.py: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(
+            f"driver_plugin.py: cannot listen on {settings.host}:{settings.port}: "
+            f"{error.strerror or error}",
+            file=sys.stderr,
+        )
+        return 1
+    serve(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
