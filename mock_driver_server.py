@@ -926,7 +926,7 @@ def go_json(doc: object) -> bytes:
 def _json_text(value: JSONSource) -> str:
     if isinstance(value, str):
         return value
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 
 
 def _workflow(workflow_name: str, namespace: str, uid: str) -> dict[str, object]:

@@ -1,0 +1,845 @@
+"""Tests for mock_driver_server.py: a real server on a loopback port 0, real HTTP/1.1 calls."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mock_driver_server as mds
+
+HERE = Path(__file__).resolve().parent
+RUN = mds.DEFAULT_UID
+BEARER_VALUE = "t0k3n-that-must-never-be-logged"
+
+
+# Helpers ####
+
+
+class Reply:
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.status = response.status
+        self.headers = {k.lower(): v for k, v in response.getheaders()}
+        self.body = response.read()
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def params(self) -> dict[str, str]:
+        node = self.json()["node"]
+        return {p["name"]: p["value"] for p in node["outputs"]["parameters"]}
+
+    def names(self) -> list[str]:
+        return [p["name"] for p in self.json()["node"]["outputs"]["parameters"]]
+
+
+@pytest.fixture
+def server() -> Iterator[mds.MockDriverServer]:
+    srv = mds.make_server(log=False)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def flat_server() -> Iterator[mds.MockDriverServer]:
+    srv = mds.make_server(shape="flat", log=False)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+def request(
+    srv: mds.MockDriverServer,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    *,
+    conn: http.client.HTTPConnection | None = None,
+) -> Reply:
+    own = conn is None
+    c = conn or http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    try:
+        c.request(method, path, body=body, headers=dict(headers or {}))
+        return Reply(c.getresponse())
+    finally:
+        if own:
+            c.close()
+
+
+def execute(srv: mds.MockDriverServer, body: bytes, *, bearer: bool = True) -> Reply:
+    headers = {"Content-Type": "application/json"}
+    if bearer:
+        headers["Authorization"] = f"Bearer {BEARER_VALUE}"
+    return request(srv, "POST", mds.EXECUTE_PATH, body, headers)
+
+
+def raw_exchange(srv: mds.MockDriverServer, data: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def with_args(body: bytes, **changes: object) -> bytes:
+    """The body with plugin args changed (None deletes), re-encoded compactly."""
+    doc = json.loads(body)
+    args = doc["template"]["plugin"]["driver-plugin"]["args"]
+    for key, value in changes.items():
+        if value is None:
+            args.pop(key, None)
+        else:
+            args[key] = value
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def container_task(**extra: object) -> dict[str, object]:
+    task: dict[str, object] = dict(mds.HELLO_TASK)
+    task.update(extra)
+    return task
+
+
+# Health, routing, framing ####
+
+
+def test_healthz(server: mds.MockDriverServer) -> None:
+    reply = request(server, "GET", "/healthz")
+    assert reply.status == 200
+    assert reply.body == b"ok\n"
+    assert reply.headers["content-length"] == "3"
+
+
+def test_unknown_path_is_404(server: mds.MockDriverServer) -> None:
+    assert request(server, "GET", "/nope").status == 404
+    assert request(server, "POST", "/api/v1/other", b"{}").status == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", mds.EXECUTE_PATH, "POST"),
+        ("PUT", mds.EXECUTE_PATH, "POST"),
+        ("POST", "/healthz", "GET"),
+        ("DELETE", "/calls", "GET"),
+    ],
+)
+def test_wrong_method_is_405(
+    server: mds.MockDriverServer, method: str, path: str, allow: str
+) -> None:
+    reply = request(server, method, path, b"" if method in ("POST", "PUT") else None)
+    assert reply.status == 405
+    assert reply.headers["allow"] == allow
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server: mds.MockDriverServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.connect()
+        assert conn.sock is not None
+        local = conn.sock.getsockname()
+        for _ in range(3):
+            reply = request(server, "POST", mds.EXECUTE_PATH, mds.agent_body("ROOT_DAG"), conn=conn)
+            assert reply.status == 200
+            assert int(reply.headers["content-length"]) == len(reply.body)
+            assert reply.headers.get("connection") != "close"
+            # Still the same TCP connection: http.client would have reconnected otherwise.
+            assert conn.sock is not None
+            assert conn.sock.getsockname() == local
+        reply = request(server, "GET", "/healthz", conn=conn)
+        assert reply.body == b"ok\n"
+    finally:
+        conn.close()
+
+
+def test_post_without_content_length_is_411(server: mds.MockDriverServer) -> None:
+    raw = raw_exchange(server, b"POST /api/v1/template.execute HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 411 ")
+    assert b"Content-Length: " in raw
+
+
+def test_oversized_body_is_413(server: mds.MockDriverServer) -> None:
+    head = (
+        "POST /api/v1/template.execute HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Length: {mds.MAX_BODY + 1}\r\n\r\n"
+    )
+    raw = raw_exchange(server, head.encode())
+    assert raw.startswith(b"HTTP/1.1 413 ")
+
+
+def test_unparsable_request_line_gets_a_text_reply_with_length(
+    server: mds.MockDriverServer,
+) -> None:
+    raw = raw_exchange(server, b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 501 ")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert b"<html" not in body.lower()
+
+
+# Malformed bodies ####
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"\xff\xfe",
+        b"[]",
+        b'{"workflow":{}}',
+        b'{"template":{"plugin":{"driver-plugin":{}}}}',
+        b'{"template":{"plugin":{"driver-plugin":{"args":"x"}}}}',
+    ],
+)
+def test_malformed_body_is_400_text(server: mds.MockDriverServer, body: bytes) -> None:
+    reply = execute(server, body)
+    assert reply.status == 400
+    assert reply.headers["content-type"].startswith("text/plain")
+    assert reply.body.endswith(b"\n")
+    # Malformed calls are not executions.
+    assert [k for k in request(server, "GET", "/calls").json() if "/" in k] == []
+
+
+def test_foreign_template_is_400(server: mds.MockDriverServer) -> None:
+    # The plugin must answer {} itself; forwarding another plugin's template is a plugin bug.
+    reply = execute(server, mds.foreign_body())
+    assert reply.status == 400
+    assert b"driver-plugin" in reply.body
+
+
+@pytest.mark.parametrize(
+    "knob",
+    [{"mock_delay": "soon"}, {"mock_delay": "5"}, {"mock_delay": True}, {"mock_shape": "xml"}],
+)
+def test_invalid_knob_is_400(server: mds.MockDriverServer, knob: dict[str, object]) -> None:
+    reply = execute(server, mds.agent_body("ROOT_DAG", extra_args=knob))
+    assert reply.status == 400
+
+
+# ROOT_DAG ####
+
+
+def test_root_dag_node_shape(server: mds.MockDriverServer) -> None:
+    reply = execute(server, mds.agent_body("ROOT_DAG"))
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "application/json"
+    node = reply.json()["node"]
+    assert node["phase"] == "Succeeded"
+    assert node["message"] == ""
+    assert reply.names() == ["execution-id", "iteration-count", "condition", "pod-spec-patch"]
+    params = reply.params()
+    assert params["execution-id"].isdigit()
+    assert params["iteration-count"] == "0"
+    assert params["condition"] == "nil"
+    assert params["pod-spec-patch"] == ""
+    assert not reply.body.endswith(b"\n")
+
+
+def test_root_dag_retry_returns_same_id_and_other_run_a_new_one(
+    server: mds.MockDriverServer,
+) -> None:
+    first = execute(server, mds.agent_body("ROOT_DAG")).params()["execution-id"]
+    again = execute(server, mds.agent_body("ROOT_DAG")).params()["execution-id"]
+    other = execute(server, mds.agent_body("ROOT_DAG", uid="run-2")).params()["execution-id"]
+    assert first == again
+    assert other != first
+
+
+def test_run_id_falls_back_to_workflow_uid(server: mds.MockDriverServer) -> None:
+    body = with_args(mds.agent_body("ROOT_DAG", uid="uid-x"), run_id=None)
+    assert execute(server, body).json()["node"]["phase"] == "Succeeded"
+    assert request(server, "GET", "/calls").json()["uid-x/ROOT_DAG/-1"] == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"task": '{"taskInfo":{"name":"x"}}'}, "does not take a task"),
+        ({"dag_execution_id": "7"}, "dag_execution_id 0"),
+        ({"iteration_index": 2}, "no iteration_index"),
+        ({"type": "PIPELINE"}, "unknown driver type"),
+        ({"iteration_index": "first"}, "iteration_index"),
+    ],
+)
+def test_driver_error_node_shape_is_failed_phase(
+    server: mds.MockDriverServer, changes: dict[str, object], needle: str
+) -> None:
+    reply = execute(server, with_args(mds.agent_body("ROOT_DAG"), **changes))
+    assert reply.status == 200
+    node = reply.json()["node"]
+    assert node["phase"] == "Failed"
+    assert node["message"].startswith("unable to drive execution: KFP driver: ")
+    assert needle in node["message"]
+
+
+def test_driver_error_flat_shape_is_500(flat_server: mds.MockDriverServer) -> None:
+    reply = execute(flat_server, mds.agent_body("CONTAINER", dag_execution_id=0))
+    assert reply.status == 500
+    assert reply.body.startswith(b"driver execution failed: KFP driver: ")
+
+
+# DAG ####
+
+
+def test_dag_counts_literal_iterator_items(server: mds.MockDriverServer) -> None:
+    reply = execute(server, mds.agent_body("DAG"))
+    params = reply.params()
+    assert reply.names() == ["execution-id", "iteration-count", "condition", "pod-spec-patch"]
+    assert params["iteration-count"] == str(len(mds.LOOP_ITEMS))
+    assert params["condition"] == "nil"
+
+
+def test_dag_iteration_item_has_no_count(server: mds.MockDriverServer) -> None:
+    reply = execute(server, mds.agent_body("DAG", task_name="", iteration_index=1))
+    assert reply.params()["iteration-count"] == "0"
+
+
+def test_dag_without_iterator_has_count_zero(server: mds.MockDriverServer) -> None:
+    task = {"componentRef": {"name": "comp-inner"}, "taskInfo": {"name": "inner"}}
+    reply = execute(server, mds.agent_body("DAG", task=task, task_name="inner"))
+    assert reply.params()["iteration-count"] == "0"
+
+
+def test_dag_iterator_over_constant_input(server: mds.MockDriverServer) -> None:
+    task = {
+        "inputs": {"parameters": {"xs": {"runtimeValue": {"constant": [1, 2, 3, 4, 5]}}}},
+        "parameterIterator": {"itemInput": "x", "items": {"inputParameter": "xs"}},
+        "taskInfo": {"name": "loop"},
+    }
+    reply = execute(server, mds.agent_body("DAG", task=task, task_name="loop"))
+    assert reply.params()["iteration-count"] == "5"
+
+
+def test_dag_bad_iterator_is_driver_error(server: mds.MockDriverServer) -> None:
+    task = {"parameterIterator": {"items": {"raw": "[1,2"}}, "taskInfo": {"name": "loop"}}
+    reply = execute(server, mds.agent_body("DAG", task=task))
+    assert reply.json()["node"]["phase"] == "Failed"
+
+
+def test_execution_ids_are_distinct_counter_values(server: mds.MockDriverServer) -> None:
+    root = int(execute(server, mds.agent_body("ROOT_DAG")).params()["execution-id"])
+    dag = int(
+        execute(server, mds.agent_body("DAG", dag_execution_id=root)).params()["execution-id"]
+    )
+    ctr = int(
+        execute(server, mds.agent_body("CONTAINER", dag_execution_id=dag)).params()["execution-id"]
+    )
+    assert root < dag < ctr
+
+
+def test_dag_needs_a_parent(server: mds.MockDriverServer) -> None:
+    node = execute(server, mds.agent_body("DAG", dag_execution_id="0")).json()["node"]
+    assert node["phase"] == "Failed"
+    assert "dag_execution_id" in node["message"]
+
+
+# CONTAINER ####
+
+
+def test_container_miss_builds_pod_spec_patch(server: mds.MockDriverServer) -> None:
+    container = {"image": "python:3.13", "command": ["python3", "-c"], "args": ["print(1)"]}
+    reply = execute(server, mds.agent_body("CONTAINER", container=container))
+    assert reply.names() == ["execution-id", "cached-decision", "condition", "pod-spec-patch"]
+    params = reply.params()
+    assert params["cached-decision"] == "false"
+    assert params["condition"] == "nil"
+    patch = json.loads(params["pod-spec-patch"])
+    assert patch == {
+        "containers": [
+            {
+                "name": "main",
+                "image": "python:3.13",
+                "command": ["python3", "-c"],
+                "args": ["print(1)"],
+            }
+        ]
+    }
+
+
+def test_container_defaults_to_busybox(server: mds.MockDriverServer) -> None:
+    reply = execute(server, mds.agent_body("CONTAINER", container=""))
+    main = json.loads(reply.params()["pod-spec-patch"])["containers"][0]
+    assert main["image"] == "busybox"
+    assert main["command"] == ["sh", "-c"]
+
+
+def test_container_second_identical_call_is_a_cache_hit(server: mds.MockDriverServer) -> None:
+    first = execute(server, mds.agent_body("CONTAINER")).params()
+    second = execute(server, mds.agent_body("CONTAINER", uid="another-run")).params()
+    assert first["cached-decision"] == "false"
+    assert first["pod-spec-patch"] != ""
+    assert second["cached-decision"] == "true"
+    assert second["pod-spec-patch"] == ""
+    assert second["execution-id"] != first["execution-id"]
+
+
+def test_container_other_inputs_are_a_miss(server: mds.MockDriverServer) -> None:
+    execute(server, mds.agent_body("CONTAINER"))
+    other = execute(server, mds.agent_body("CONTAINER", iteration_index=0)).params()
+    assert other["cached-decision"] == "false"
+
+
+@pytest.mark.parametrize(
+    ("task", "extra"),
+    [
+        (container_task(cachingOptions={}), {}),
+        (container_task(), {"cache_disabled": True}),
+        (container_task(), {"cache_disabled": "true"}),
+    ],
+)
+def test_container_without_caching_never_hits(
+    server: mds.MockDriverServer, task: dict[str, object], extra: dict[str, object]
+) -> None:
+    body = mds.agent_body("CONTAINER", task=task, extra_args=extra)
+    decisions = [execute(server, body).params()["cached-decision"] for _ in range(2)]
+    assert decisions == ["false", "false"]
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        ("'heads' == 'heads'", "true"),
+        ("'heads' == 'tails'", "false"),
+        ("'heads' != 'tails'", "true"),
+        ("1 == 1.0", "true"),
+        ("false", "false"),
+        ("inputs.parameter_values['pipelinechannel--coin'] == 'tails'", "false"),
+        ("inputs.parameter_values['pipelinechannel--coin'] == 'heads'", "true"),
+        ("inputs.parameter_values['pipelinechannel--unknown'] == 'heads'", "true"),
+    ],
+)
+def test_container_condition(server: mds.MockDriverServer, condition: str, expected: str) -> None:
+    task = container_task(
+        triggerPolicy={"condition": condition},
+        inputs={"parameters": {"pipelinechannel--coin": {"runtimeValue": {"constant": "heads"}}}},
+    )
+    reply = execute(server, mds.agent_body("CONTAINER", task=task))
+    params = reply.params()
+    assert params["condition"] == expected
+    if expected == "false":
+        # Not triggered: no cache decision, no patch (Argo fills cached-decision's default).
+        assert "cached-decision" not in params
+        assert params["pod-spec-patch"] == ""
+    else:
+        assert params["cached-decision"] == "false"
+        assert params["pod-spec-patch"] != ""
+
+
+def test_false_condition_on_dag_skips_iteration_count(server: mds.MockDriverServer) -> None:
+    task = dict(mds.LOOP_TASK, triggerPolicy={"condition": "'a' == 'b'"})
+    params = execute(server, mds.agent_body("DAG", task=task)).params()
+    assert params["condition"] == "false"
+    assert params["iteration-count"] == "0"
+
+
+def test_argument_type_variants_are_accepted(server: mds.MockDriverServer) -> None:
+    # Ints and bools instead of strings, JSON objects instead of JSON text, unknown keys.
+    body = mds.agent_body(
+        "CONTAINER",
+        extra_args={
+            "iteration_index": -1,
+            "dag_execution_id": 3,
+            "cache_disabled": "false",
+            "task": dict(mds.HELLO_TASK),
+            "container": dict(mds.HELLO_CONTAINER),
+            "default_run_as_user": "1000",
+            "some_future_flag": {"x": [1, 2]},
+        },
+    )
+    reply = execute(server, body)
+    assert reply.json()["node"]["phase"] == "Succeeded"
+    assert json.loads(reply.params()["pod-spec-patch"])["containers"][0]["args"] == ["hello world"]
+    assert request(server, "GET", "/calls").json()[f"{RUN}/echo/-1"] == 1
+
+
+def test_path_args_are_ignored(server: mds.MockDriverServer) -> None:
+    body = with_args(mds.agent_body("CONTAINER"), pod_spec_patch_path=None, condition_path=42)
+    assert execute(server, body).json()["node"]["phase"] == "Succeeded"
+
+
+def test_invalid_task_json_is_driver_error(server: mds.MockDriverServer) -> None:
+    node = execute(server, mds.agent_body("CONTAINER", task="{not json")).json()["node"]
+    assert node["phase"] == "Failed"
+    assert "task" in node["message"]
+
+
+# Flat shape ####
+
+
+def test_flat_shape_root_dag_omits_nil_and_empty(flat_server: mds.MockDriverServer) -> None:
+    reply = execute(flat_server, mds.agent_body("ROOT_DAG"))
+    assert reply.status == 200
+    doc = reply.json()
+    assert set(doc) == {"execution-id", "iteration-count"}
+    assert doc["iteration-count"] == "0"
+    assert not reply.body.endswith(b"\n")
+
+
+def test_flat_shape_container(flat_server: mds.MockDriverServer) -> None:
+    doc = execute(flat_server, mds.agent_body("CONTAINER")).json()
+    assert set(doc) == {"execution-id", "cached-decision", "pod-spec-patch"}
+    assert doc["cached-decision"] == "false"
+    assert json.loads(doc["pod-spec-patch"])["containers"][0]["name"] == "main"
+
+
+def test_flat_shape_keeps_a_real_condition(flat_server: mds.MockDriverServer) -> None:
+    task = container_task(triggerPolicy={"condition": "'a' == 'b'"})
+    doc = execute(flat_server, mds.agent_body("CONTAINER", task=task)).json()
+    assert doc["condition"] == "false"
+    assert "pod-spec-patch" not in doc
+
+
+def test_mock_shape_overrides_server_shape(
+    server: mds.MockDriverServer, flat_server: mds.MockDriverServer
+) -> None:
+    flat = execute(server, mds.agent_body("DAG", extra_args={"mock_shape": "flat"})).json()
+    assert "node" not in flat
+    assert flat["iteration-count"] == "3"
+    node = execute(flat_server, mds.agent_body("DAG", extra_args={"mock_shape": "node"})).json()
+    assert node["node"]["phase"] == "Succeeded"
+
+
+# Knobs ####
+
+
+def test_mock_delay_still_answers(server: mds.MockDriverServer) -> None:
+    reply = execute(server, mds.agent_body("ROOT_DAG", extra_args={"mock_delay": "50ms"}))
+    assert reply.status == 200
+    assert reply.json()["node"]["phase"] == "Succeeded"
+    reply = execute(server, mds.agent_body("DAG", extra_args={"mock_delay": 0.01}))
+    assert reply.json()["node"]["phase"] == "Succeeded"
+
+
+def test_slow_call_does_not_block_others_and_shutdown_wakes_it() -> None:
+    srv = mds.make_server(log=False)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    slow = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    try:
+        body = mds.agent_body("ROOT_DAG", extra_args={"mock_delay": "10m"})
+        slow.sendall(
+            b"POST /api/v1/template.execute HTTP/1.1\r\nHost: x\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        # A second connection is served while the first sleeps (one thread per connection).
+        fast = execute(srv, mds.agent_body("DAG"))
+        assert fast.params()["iteration-count"] == "3"
+        # The slow call is already counted, and has not been answered.
+        assert request(srv, "GET", "/calls").json()[f"{RUN}/ROOT_DAG/-1"] == 1
+        readable, _, _ = select.select([slow], [], [], 0)
+        assert readable == []
+        srv.shutdown()
+        assert slow.recv(65536).startswith(b"HTTP/1.1 503 ")
+    finally:
+        slow.close()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(("value", "reason"), [("boom", "boom"), (True, "mock_fail")])
+def test_mock_fail_is_500_text(server: mds.MockDriverServer, value: object, reason: str) -> None:
+    reply = execute(server, mds.agent_body("CONTAINER", extra_args={"mock_fail": value}))
+    assert reply.status == 500
+    assert reply.headers["content-type"].startswith("text/plain")
+    assert reply.body == f"driver execution failed: {reason}".encode()
+
+
+def test_mock_fail_false_is_ignored(server: mds.MockDriverServer) -> None:
+    reply = execute(server, mds.agent_body("ROOT_DAG", extra_args={"mock_fail": False}))
+    assert reply.status == 200
+
+
+def test_mock_fail_does_not_consume_cache(server: mds.MockDriverServer) -> None:
+    execute(server, mds.agent_body("CONTAINER", extra_args={"mock_fail": "x"}))
+    params = execute(server, mds.agent_body("CONTAINER")).params()
+    assert params["cached-decision"] == "false"
+
+
+# /calls ####
+
+
+def test_calls_counts_executions_and_bearer_presence(server: mds.MockDriverServer) -> None:
+    execute(server, mds.agent_body("ROOT_DAG"))
+    execute(server, mds.agent_body("ROOT_DAG"), bearer=False)
+    execute(server, mds.agent_body("CONTAINER", extra_args={"mock_fail": "x"}))
+    execute(server, mds.agent_body("DAG", task_name="", iteration_index="2"))
+    execute(server, b"garbage")
+    reply = request(server, "GET", "/calls")
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json() == {
+        f"{RUN}/ROOT_DAG/-1": 2,
+        f"{RUN}/echo/-1": 1,
+        f"{RUN}/DAG/2": 1,
+        "_bearer_present": 4,
+        "_bearer_absent": 1,
+    }
+
+
+def test_calls_does_not_count_empty_bearer(server: mds.MockDriverServer) -> None:
+    request(
+        server,
+        "POST",
+        mds.EXECUTE_PATH,
+        mds.agent_body("ROOT_DAG"),
+        {"Authorization": "Bearer "},
+    )
+    doc = request(server, "GET", "/calls").json()
+    assert (doc["_bearer_present"], doc["_bearer_absent"]) == (0, 1)
+
+
+def test_calls_key_matches_agent_call_key() -> None:
+    call = mds.parse_agent_call(mds.agent_body("CONTAINER", iteration_index=3))
+    assert call.key == f"{RUN}/echo/3"
+
+
+# agent_body / foreign_body ####
+
+
+@pytest.mark.parametrize("driver_type", mds.DRIVER_TYPES)
+def test_agent_body_is_compact_go_json(driver_type: str) -> None:
+    body = mds.agent_body(driver_type)
+    assert body == mds.agent_body(driver_type)  # deterministic
+    doc = json.loads(body)
+    assert body == json.dumps(doc, separators=(",", ":")).encode()
+    assert not body.endswith(b"\n")
+    assert list(doc) == ["workflow", "template"]
+    assert doc["workflow"] == {
+        "metadata": {
+            "name": mds.DEFAULT_WORKFLOW_NAME,
+            "namespace": mds.DEFAULT_NAMESPACE,
+            "uid": RUN,
+        }
+    }
+    template = doc["template"]
+    assert list(template) == ["name", "inputs", "outputs", "metadata", "plugin"]
+    assert template["metadata"] == {}
+    assert list(template["plugin"]) == ["driver-plugin"]
+    args = template["plugin"]["driver-plugin"]["args"]
+    assert list(args) == sorted(args)
+    assert args["type"] == driver_type
+    assert args["run_id"] == RUN
+    assert args["run_name"] == mds.DEFAULT_WORKFLOW_NAME
+    assert args["cache_disabled"] is False
+    # Argo leaves outputs.* tags unresolved inside a plugin template.
+    paths = {k: v for k, v in args.items() if k.endswith("_path")}
+    assert paths
+    for key, value in paths.items():
+        name = key.removesuffix("_path").replace("_", "-")
+        assert value == f"{{{{outputs.parameters.{name}.path}}}}"
+    # Every declared output reads $.<name>; parameter values are strings.
+    for out in template["outputs"]["parameters"]:
+        assert out["valueFrom"]["jsonPath"] == f"$.{out['name']}"
+    for param in template["inputs"]["parameters"]:
+        assert isinstance(param["value"], str)
+
+
+def test_agent_body_container_template() -> None:
+    doc = json.loads(mds.agent_body("CONTAINER", dag_execution_id="17"))
+    template = doc["template"]
+    assert template["name"] == "system-container-driver"
+    inputs = {p["name"]: p for p in template["inputs"]["parameters"]}
+    assert list(inputs) == [
+        "component",
+        "task",
+        "container",
+        "task-name",
+        "parent-dag-id",
+        "iteration-index",
+        "kubernetes-config",
+    ]
+    assert inputs["parent-dag-id"]["value"] == "17"
+    assert inputs["iteration-index"] == {"name": "iteration-index", "default": "-1", "value": "-1"}
+    assert template["outputs"]["parameters"] == [
+        {"name": "pod-spec-patch", "valueFrom": {"jsonPath": "$.pod-spec-patch", "default": ""}},
+        {
+            "name": "cached-decision",
+            "default": "false",
+            "valueFrom": {"jsonPath": "$.cached-decision", "default": "false"},
+        },
+        {"name": "condition", "valueFrom": {"jsonPath": "$.condition", "default": "true"}},
+    ]
+    args = template["plugin"]["driver-plugin"]["args"]
+    assert args["dag_execution_id"] == "17"
+    assert args["task_name"] == "echo"
+    # JSON strings holding JSON text, a few hundred bytes, equal to the resolved inputs.
+    for key in ("component", "task", "container"):
+        assert isinstance(args[key], str)
+        assert isinstance(json.loads(args[key]), dict)
+        assert args[key] == inputs[key]["value"]
+    assert 200 <= len(args["component"]) <= 2000
+    assert 200 <= len(args["container"]) <= 2000
+    assert {"cached_decision_path", "pod_spec_patch_path", "condition_path"} <= set(args)
+    assert "execution_id_path" not in args
+
+
+def test_agent_body_dag_templates() -> None:
+    root = json.loads(mds.agent_body("ROOT_DAG"))["template"]
+    loop = json.loads(mds.agent_body("DAG"))["template"]
+    for template in (root, loop):
+        assert template["name"] == "system-dag-driver"
+        assert [p["name"] for p in template["inputs"]["parameters"]] == [
+            "component",
+            "runtime-config",
+            "task",
+            "task-name",
+            "parent-dag-id",
+            "iteration-index",
+            "driver-type",
+        ]
+        assert template["outputs"]["parameters"] == [
+            {"name": "execution-id", "valueFrom": {"jsonPath": "$.execution-id"}},
+            {
+                "name": "iteration-count",
+                "valueFrom": {"jsonPath": "$.iteration-count", "default": "0"},
+            },
+            {"name": "condition", "valueFrom": {"jsonPath": "$.condition", "default": "true"}},
+        ]
+    root_args = root["plugin"]["driver-plugin"]["args"]
+    assert (root_args["task"], root_args["task_name"], root_args["dag_execution_id"]) == (
+        "",
+        "",
+        "0",
+    )
+    assert json.loads(root_args["runtime_config"]) == mds.HELLO_RUNTIME_CONFIG
+    driver_type = {p["name"]: p for p in root["inputs"]["parameters"]}["driver-type"]
+    assert driver_type == {"name": "driver-type", "default": "DAG", "value": "ROOT_DAG"}
+    loop_args = loop["plugin"]["driver-plugin"]["args"]
+    assert json.loads(loop_args["task"])["parameterIterator"]["items"]["raw"]
+    assert {"execution_id_path", "iteration_count_path", "condition_path"} <= set(loop_args)
+    assert "container" not in loop_args
+
+
+def test_agent_body_extra_args_override_and_remove() -> None:
+    body = mds.agent_body("ROOT_DAG", extra_args={"mock_delay": "1s", "http_proxy": None})
+    args = json.loads(body)["template"]["plugin"]["driver-plugin"]["args"]
+    assert args["mock_delay"] == "1s"
+    assert "http_proxy" not in args
+
+
+def test_agent_body_escapes_like_go() -> None:
+    task = container_task(triggerPolicy={"condition": "1 < 2 && 'é' == 'é'"})
+    body = mds.agent_body("CONTAINER", task=task)
+    assert b"<" not in body
+    assert b"&" not in body
+    assert "é".encode() in body  # Go writes UTF-8, not \u escapes
+    assert (
+        "1 < 2 &&"
+        in json.loads(json.loads(body)["template"]["plugin"]["driver-plugin"]["args"]["task"])[
+            "triggerPolicy"
+        ]["condition"]
+    )
+
+
+def test_agent_body_rejects_unknown_type() -> None:
+    with pytest.raises(ValueError, match="driver_type"):
+        mds.agent_body("PIPELINE")
+
+
+def test_foreign_body() -> None:
+    body = mds.foreign_body()
+    doc = json.loads(body)
+    assert body == json.dumps(doc, separators=(",", ":")).encode()
+    template = doc["template"]
+    assert list(template["plugin"]) == ["hello"]
+    assert template["inputs"] == {} and template["outputs"] == {} and template["metadata"] == {}
+    assert doc["workflow"]["metadata"]["uid"] == RUN
+    assert list(json.loads(mds.foreign_body("other", plugin_value={}))["template"]["plugin"]) == [
+        "other"
+    ]
+
+
+# Go durations, factory, command line ####
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("45s", 45.0),
+        ("500ms", 0.5),
+        ("1m30s", 90.0),
+        ("1.5h", 5400.0),
+        ("0", 0.0),
+        ("-2s", -2.0),
+        ("250us", 0.00025),
+        (".5s", 0.5),
+    ],
+)
+def test_parse_go_duration(text: str, seconds: float) -> None:
+    assert mds.parse_go_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "s", "5 s", "5sec", "1m 30s", "--1s", "1s2"])
+def test_parse_go_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        mds.parse_go_duration(text)
+
+
+def test_make_server_rejects_unknown_shape() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        mds.make_server(shape="xml")
+
+
+def test_main_serves_and_exits_zero_on_sigterm() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "mock_driver_server.py"), "--port", "0", "--shape", "flat"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = json.loads(proc.stderr.readline())
+        assert first["msg"] == "listening"
+        assert first["shape"] == "flat"
+        port = int(first["port"])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request(
+            "POST",
+            mds.EXECUTE_PATH,
+            mds.agent_body("ROOT_DAG"),
+            {"Authorization": f"Bearer {BEARER_VALUE}"},
+        )
+        response = conn.getresponse()
+        assert response.status == 200
+        assert "execution-id" in json.loads(response.read())
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        rest = proc.stderr.read()
+        assert '"msg":"stopped"' in rest
+        assert BEARER_VALUE not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_main_rejects_bad_shape() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "mock_driver_server.py"), "--shape", "xml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
