@@ -844,7 +844,8 @@ def describe_transport_error(error: BaseException, netloc: str) -> str:
     if isinstance(error, TimeoutError):
         return f"driver server at {netloc} timed out"
     if isinstance(error, ssl.SSLError):
-        return f"driver server at {netloc}: TLS failed: {error.reason or error}"
+        detail = getattr(error, "verify_message", None) or getattr(error, "reason", None) or error
+        return f"driver server at {netloc}: TLS failed: {detail}"
     if isinstance(error, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
         return f"driver server at {netloc} closed the connection before answering"
     if isinstance(error, http.client.HTTPException):
@@ -1321,7 +1322,6 @@ class PluginServer(ThreadingHTTPServer):
                 self.calls.recovered(call.key)
             except UpstreamUnavailable as error:
                 reply = self.calls.outage(call.key, str(error), self.settings.requeue)
-            self.calls.finish(call, reply, delivered=False)
             self.log.log(
                 "info",
                 "slow driver call finished",
@@ -1330,6 +1330,7 @@ class PluginServer(ThreadingHTTPServer):
                 phase=reply.phase,
                 duration_ms=round((time.monotonic() - began) * 1000, 3),
             )
+            self.calls.finish(call, reply, delivered=False)
 
         threading.Thread(target=finish, name=f"driver-call-{request_id}", daemon=True).start()
 
@@ -1398,7 +1399,7 @@ def serve(server: PluginServer, handle_signals: bool = True) -> None:
         plugin_name=server.settings.plugin_name,
     )
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever(poll_interval=0.1)
     finally:
         server.server_close()  # refuse new connections while the calls in flight finish
         drained = server.wait_idle(server.drain_grace)

@@ -1,0 +1,1362 @@
+"""Tests for driver_plugin.py.
+
+Every reply test goes through ``argo_agent_reads``: a model of what the real Go agent (Argo
+v4.1, ``workflow/util/plugin/plugin.go`` and ``workflow/executor/agent.go``) does with a plugin's
+answer. A reply the agent would misread (a 404, a 2xx that is not 200, a node without a phase, a
+requeue that is not a Go duration, an object-valued parameter) fails the test even if the reply
+looks reasonable.
+
+Servers are real: the plugin and a scripted fake driver server run on loopback port 0. Some
+parsing tests drive the handler without sockets, as CPython's own http.server tests do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import http.client
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import driver_plugin as dp
+
+TOKEN = "kP3x9vQ2mZ7tR1wY5uB8nC4aD6eF0gHj"  # 32 characters, as Argo's rand.String(32)
+SA_TOKEN = "service-account-jwt-for-tests"
+
+
+###############################################################################
+# The Argo agent, as a model ##################################################
+###############################################################################
+
+
+class AgentMisread(AssertionError):
+    """The real agent would do the wrong thing with this reply."""
+
+
+@dataclass
+class AgentView:
+    """What the agent ends up doing with one plugin reply."""
+
+    kind: str  # "node" (a result), "not_mine" (next plugin), "retry" (503), "fail" (node Failed)
+    phase: str = ""
+    message: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+    requeue: float = 0.0
+
+
+_GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
+
+
+def go_parse_duration(text: str) -> float:
+    """time.ParseDuration, enough of it: raise ValueError where Go returns an error."""
+    if text == "0":
+        return 0.0
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
+    if not body:
+        raise ValueError(f"time: invalid duration {text!r}")
+    scale = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    total, position = 0.0, 0
+    while position < len(body):
+        match = _GO_DURATION.match(body, position)
+        if match is None:
+            raise ValueError(f"time: invalid duration {text!r}")
+        total += float(match.group(1)) * scale[match.group(2)]
+        position = match.end()
+    return sign * total
+
+
+def argo_agent_reads(status: int, body: bytes) -> AgentView:
+    """Judge a reply the way the agent does; raise AgentMisread where the agent would go wrong."""
+    text = body.decode("utf-8", "replace")
+    if status == 404:
+        raise AgentMisread("404 disables the plugin for the rest of the workflow")
+    if status == 503:
+        return AgentView("retry", message=text)
+    if status != 200:
+        if 200 <= status < 300:
+            raise AgentMisread(f"{status} is not 200: the agent fails the node")
+        return AgentView("fail", phase="Failed", message=f"{status}: {text}")
+    try:
+        reply = json.loads(body)
+    except ValueError as error:
+        raise AgentMisread(f"200 with undecodable JSON fails the node: {error}") from None
+    if reply is None or (isinstance(reply, dict) and reply.get("node") is None):
+        if isinstance(reply, dict) and reply.get("requeue") is not None:
+            raise AgentMisread("a requeue without a node carries over to the next plugin")
+        return AgentView("not_mine")
+    if not isinstance(reply, dict) or not isinstance(reply["node"], dict):
+        raise AgentMisread(f"reply does not decode into ExecuteTemplateReply: {text[:100]}")
+    node, requeue = reply["node"], reply.get("requeue")
+    seconds = 0.0
+    if requeue is not None:
+        if not isinstance(requeue, str):
+            raise AgentMisread(f"requeue {requeue!r} is not a Go duration string")
+        try:
+            seconds = go_parse_duration(requeue)
+        except ValueError as error:
+            raise AgentMisread(str(error)) from None
+    phase = node.get("phase")
+    if not isinstance(phase, str) or phase not in dp.TERMINAL_PHASES | dp.RUNNING_PHASES:
+        raise AgentMisread(f"phase {phase!r} leaves the node unfulfilled for ever")
+    if phase in dp.RUNNING_PHASES and seconds <= 0:
+        raise AgentMisread(f"{phase} without a positive requeue is never asked again")
+    if phase in dp.TERMINAL_PHASES and phase != "Succeeded" and seconds > 0:
+        raise AgentMisread(f"{phase} with a requeue makes the agent call a pruned task again")
+    outputs: dict[str, str] = {}
+    for parameter in (node.get("outputs") or {}).get("parameters") or []:
+        value = parameter.get("value")
+        if not isinstance(value, str):
+            raise AgentMisread(f"parameter {parameter.get('name')!r} value {value!r} is no string")
+        if not re.fullmatch(r"[-a-zA-Z0-9_]+", parameter["name"]):
+            raise AgentMisread(f"parameter name {parameter['name']!r} is invalid")
+        outputs[parameter["name"]] = value
+    message = node.get("message", "")
+    if not isinstance(message, str):
+        raise AgentMisread(f"message {message!r} is not a string")
+    return AgentView("node", phase, message, outputs, seconds if phase != "Succeeded" else 0.0)
+
+
+def test_agent_model_rejects_what_the_agent_misreads() -> None:
+    bad = [
+        (404, b""),
+        (202, b"{}"),
+        (200, b"not json"),
+        (200, b'{"node":{}}'),
+        (200, b'{"node":{"phase":"Done"}}'),
+        (200, b'{"node":{"phase":"Running"}}'),
+        (200, b'{"node":{"phase":"Running"},"requeue":120}'),
+        (200, b'{"node":{"phase":"Running"},"requeue":""}'),
+        (200, b'{"node":{"phase":"Failed"},"requeue":"5s"}'),
+        (200, b'{"node":{"phase":"Succeeded","outputs":{"parameters":[{"name":"a","value":{}}]}}}'),
+    ]
+    for status, body in bad:
+        with pytest.raises(AgentMisread):
+            argo_agent_reads(status, body)
+    assert argo_agent_reads(200, b"{}").kind == "not_mine"
+    assert argo_agent_reads(503, b"later").kind == "retry"
+    assert argo_agent_reads(403, b"no").message == "403: no"
+
+
+###############################################################################
+# A scripted fake driver server ###############################################
+###############################################################################
+
+
+@dataclass
+class Answer:
+    """What the fake driver server does with one call."""
+
+    status: int = 200
+    body: bytes = b'{"node":{"phase":"Succeeded"}}'
+    headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes | None = None  # written as is instead of an HTTP reply, then closed
+    close: bool = False  # close the connection without answering
+    gate: threading.Event | None = None  # wait for it before answering
+
+
+def json_answer(document: Any, status: int = 200) -> Answer:
+    return Answer(status, json.dumps(document).encode(), {"Content-Type": "application/json"})
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class FakeDriver:
+    """A kfp-driver-server stand-in whose answers the test scripts, recording every call."""
+
+    def __init__(self) -> None:
+        self.script: Callable[[bytes], Answer] = lambda body: Answer()
+        self.seen: list[Seen] = []
+        self.received = threading.Semaphore(0)
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                fake.seen.append(Seen(self.path, dict(self.headers.items()), body))
+                fake.received.release()
+                answer = fake.script(body)
+                if answer.gate is not None:
+                    answer.gate.wait(10)
+                try:
+                    if answer.close:
+                        self.close_connection = True
+                    elif answer.raw is not None:
+                        self.wfile.write(answer.raw)
+                        self.close_connection = True
+                    else:
+                        self.send_response(answer.status)
+                        for name, value in answer.headers.items():
+                            self.send_header(name, value)
+                        self.send_header("Content-Length", str(len(answer.body)))
+                        self.end_headers()
+                        self.wfile.write(answer.body)
+                except OSError:
+                    self.close_connection = True
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def bodies(self) -> list[bytes]:
+        return [seen.body for seen in self.seen]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def driver() -> Iterator[FakeDriver]:
+    fake = FakeDriver()
+    yield fake
+    fake.stop()
+
+
+###############################################################################
+# The plugin under test #######################################################
+###############################################################################
+
+
+class Plugin:
+    """A real PluginServer on a loopback port, served from a thread."""
+
+    def __init__(self, settings: dp.Settings) -> None:
+        self.log_stream = io.StringIO()
+        self.server = dp.make_server(settings, dp.JsonLog(settings.log_level, self.log_stream))
+        self.port = self.server.server_address[1]
+        self.finished = threading.Semaphore(0)
+        finish = self.server.calls.finish
+
+        def finish_and_tell(call: dp.Call, reply: dp.Reply, delivered: bool) -> None:
+            finish(call, reply, delivered)
+            self.finished.release()
+
+        self.server.calls.finish = finish_and_tell  # type: ignore[method-assign]
+        self.joined = threading.Semaphore(0)
+        wait = self.server.calls.wait
+
+        def tell_and_wait(call: dp.Call, timeout: float) -> dp.Reply | None:
+            self.joined.release()
+            return wait(call, timeout)
+
+        self.server.calls.wait = tell_and_wait  # type: ignore[method-assign]
+        # Transient failures are retried for a few seconds in production; a tenth here.
+        self.server.transient_retry_budget = 0.1
+        self.server.first_retry_pause = 0.02
+        self.thread = threading.Thread(
+            target=dp.serve, args=(self.server, False), name="plugin", daemon=True
+        )
+        self.thread.start()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body, headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def execute(self, body: bytes, token: str = TOKEN) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        status, _, reply = self.request("POST", dp.EXECUTE_PATH, body, headers)
+        return status, reply
+
+    def agent(self, body: bytes) -> AgentView:
+        return argo_agent_reads(*self.execute(body))
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_stream.getvalue().splitlines()]
+
+    def execute_logged(self, body: bytes) -> tuple[int, bytes]:
+        """Execute, then return once the call's log line is written.
+
+        The log line follows the reply; a second request on the same keep-alive connection is
+        read only after the handler has finished with the first, log line included.
+        """
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            connection.request("POST", dp.EXECUTE_PATH, body, headers)
+            response = connection.getresponse()
+            reply = response.status, response.read()
+            connection.request("GET", "/healthz")
+            connection.getresponse().read()
+            return reply
+        finally:
+            connection.close()
+
+    def wait_finished(self) -> None:
+        assert self.finished.acquire(timeout=10), "the driver call never finished"
+
+    def stop(self) -> None:
+        self.server.begin_drain()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text(TOKEN)  # Argo writes no newline
+    return path
+
+
+@pytest.fixture
+def sa_token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sa-token"
+    path.write_text(SA_TOKEN + "\n")
+    return path
+
+
+@pytest.fixture
+def start(
+    driver: FakeDriver, token_file: Path, sa_token_file: Path
+) -> Iterator[Callable[..., Plugin]]:
+    plugins: list[Plugin] = []
+
+    def start(**overrides: Any) -> Plugin:
+        values: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "upstream": driver.url,
+            "token_file": str(token_file),
+            "sa_token_file": str(sa_token_file),
+            "reply_deadline": 5.0,
+        }
+        values.update(overrides)
+        plugin = Plugin(dp.Settings(**values))
+        plugins.append(plugin)
+        return plugin
+
+    yield start
+    for plugin in plugins:
+        plugin.stop()
+
+
+def agent_call(
+    args: dict[str, Any] | None = None,
+    outputs: list[dict[str, Any]] | None = None,
+    plugin_key: str = "driver-plugin",
+) -> bytes:
+    """A body exactly as the Argo agent sends it: compact JSON, no trailing newline."""
+    template = {
+        "name": "system-container-driver",
+        "inputs": {"parameters": [{"name": "task-name", "value": "echo"}]},
+        "outputs": {"parameters": outputs or []},
+        "metadata": {},
+        "plugin": {plugin_key: {"args": args or {"type": "CONTAINER", "task_name": "echo"}}},
+    }
+    workflow = {"metadata": {"name": "hello-x7k2p", "namespace": "team-a", "uid": "9d2c-41"}}
+    return json.dumps({"workflow": workflow, "template": template}, separators=(",", ":")).encode()
+
+
+KFP_OUTPUTS = [
+    {"name": "pod-spec-patch", "valueFrom": {"jsonPath": "$.pod-spec-patch", "default": ""}},
+    {
+        "name": "cached-decision",
+        "default": "false",
+        "valueFrom": {"jsonPath": "$.cached-decision", "default": "false"},
+    },
+    {"name": "condition", "valueFrom": {"jsonPath": "$.condition", "default": "true"}},
+]
+
+
+###############################################################################
+# Settings ####################################################################
+###############################################################################
+
+
+def test_settings_defaults_match_the_documented_table() -> None:
+    settings = dp.Settings.from_args([], environ={})
+    assert settings == dp.Settings()
+    assert (settings.host, settings.port) == ("0.0.0.0", 7581)
+    assert settings.upstream == "http://ml-pipeline-driver.kubeflow:8080"
+    assert settings.token_file == "/var/run/argo/token"
+    assert settings.sa_token_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    assert settings.plugin_name == "driver-plugin"
+    assert (settings.reply_deadline, settings.requeue) == (20.0, 2.0)
+    assert (settings.upstream_timeout, settings.max_outage, settings.result_ttl) == (600,) * 3
+    assert settings.max_body == 8 * 1024 * 1024
+    for setting in dataclasses.fields(dp.Settings):
+        env = "DRIVER_PLUGIN_" + setting.name.upper()
+        assert env in (dp.__doc__ or ""), f"{env} is missing from the module docstring"
+
+
+def test_environment_is_read_and_flags_win() -> None:
+    environ = {"DRIVER_PLUGIN_PORT": "9000", "DRIVER_PLUGIN_REQUEUE": "500ms"}
+    settings = dp.Settings.from_args(["--requeue", "1m30s"], environ=environ)
+    assert settings.port == 9000
+    assert settings.requeue == 90.0
+    settings = dp.Settings.from_args(
+        ["--max-body", "64KiB"], environ={"DRIVER_PLUGIN_MAX_BODY": "1"}
+    )
+    assert settings.max_body == 65536
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "needle"),
+    [
+        (["--reply-deadline", "30s"], {}, "30s client timeout"),
+        (["--reply-deadline", "20"], {}, "--reply-deadline: not a duration"),
+        (["--requeue", "0s"], {}, "must be positive"),
+        ([], {"DRIVER_PLUGIN_PORT": "http"}, "DRIVER_PLUGIN_PORT: not a TCP port"),
+        (["--port", "70000"], {}, "not a TCP port"),
+        (["--max-body", "8 potatoes"], {}, "not a size"),
+        (["--upstream", "ftp://x"], {}, "http:// or https://"),
+        (["--log-level", "loud"], {}, "unknown log level"),
+        (["--nonsense"], {}, "unrecognized arguments"),
+    ],
+)
+def test_bad_settings_raise_one_clear_error(
+    argv: list[str], environ: dict[str, str], needle: str
+) -> None:
+    with pytest.raises(dp.ConfigError, match=re.escape(needle)):
+        dp.Settings.from_args(argv, environ=environ)
+
+
+def test_main_exits_2_with_one_line_for_bad_settings() -> None:
+    result = subprocess.run(
+        [sys.executable, "driver_plugin.py", "--max-outage", "forever"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "--max-outage: not a duration" in result.stderr
+
+
+def test_https_upstream_rejects_an_unreadable_ca_file(tmp_path: Path) -> None:
+    settings = dp.Settings(upstream="https://driver:8443", ca_file=str(tmp_path), port=0)
+    with pytest.raises(dp.ConfigError, match="--ca-file"):
+        dp.Upstream(settings)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("0", 0.0), ("500ms", 0.5), ("20s", 20.0), ("2m", 120.0), ("1h30m", 5400.0), ("1.5s", 1.5)],
+)
+def test_durations_parse_as_go_does(text: str, seconds: float) -> None:
+    assert dp.parse_duration(text) == seconds
+    assert go_parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("seconds", [0.001, 0.5, 2, 5, 90, 600, 1.25])
+def test_formatted_durations_are_valid_go_durations(seconds: float) -> None:
+    assert go_parse_duration(dp.format_duration(seconds)) == pytest.approx(seconds)
+
+
+###############################################################################
+# Routes ######################################################################
+###############################################################################
+
+
+def test_health_ready_and_metrics(start: Callable[..., Plugin]) -> None:
+    plugin = start()
+    assert plugin.request("GET", "/healthz")[0] == 200
+    status, _, body = plugin.request("GET", "/readyz")
+    assert (status, body) == (200, b"ready\n")
+    plugin.execute(agent_call())
+    status, headers, body = plugin.request("GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = body.decode()
+    assert 'driver_plugin_calls_total{outcome="relayed"} 1' in text
+    assert 'driver_plugin_upstream_duration_seconds_bucket{le="+Inf"} 1' in text
+    assert "driver_plugin_in_flight_calls 0" in text
+    assert text.endswith("\n")
+
+
+def test_unknown_paths_404_but_the_execute_path_never_does(start: Callable[..., Plugin]) -> None:
+    plugin = start()
+    assert plugin.request("GET", "/api/v1/other")[0] == 404
+    assert plugin.request("POST", dp.EXECUTE_PATH + "/")[0] == 404  # Argo never adds a slash
+    status, headers, _ = plugin.request("GET", dp.EXECUTE_PATH)
+    assert (status, headers["Allow"]) == (405, "POST")
+    status, headers, _ = plugin.request("DELETE", "/healthz")
+    assert (status, headers["Allow"]) == (405, "GET")
+
+
+###############################################################################
+# Body limits and authentication ##############################################
+###############################################################################
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes, return everything the plugin sends until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_body_without_length_gets_411(start: Callable[..., Plugin], driver: FakeDriver) -> None:
+    plugin = start()
+    head = f"POST {dp.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+    reply = raw_exchange(plugin.port, (head + "Connection: close\r\n\r\n").encode())
+    assert reply.startswith(b"HTTP/1.1 411 ")
+    chunked = head + "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    assert raw_exchange(plugin.port, chunked.encode()).startswith(b"HTTP/1.1 411 ")
+    assert driver.seen == []
+
+
+def test_an_oversized_body_gets_413_without_being_read(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start(max_body=1024)
+    # Only the headers are sent: the plugin must answer and close without waiting for the body.
+    head = (
+        f"POST {dp.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Length: 1025\r\n\r\n"
+    )
+    reply = raw_exchange(plugin.port, head.encode())
+    assert reply.startswith(b"HTTP/1.1 413 ")
+    assert b"Connection: close" in reply
+    assert plugin.agent(agent_call()).phase == "Succeeded"  # and the plugin still serves
+    assert len(driver.seen) == 1
+
+
+def test_expect_100_continue_is_refused_for_an_oversized_body(start: Callable[..., Plugin]) -> None:
+    plugin = start(max_body=10)
+    head = (
+        f"POST {dp.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Length: 11\r\nExpect: 100-continue\r\n\r\n"
+    )
+    reply = raw_exchange(plugin.port, head.encode())
+    assert reply.startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in reply
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        f"Basic {TOKEN}",
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+        TOKEN,
+    ],
+)
+def test_wrong_or_missing_tokens_get_403(
+    start: Callable[..., Plugin], driver: FakeDriver, authorization: str | None
+) -> None:
+    plugin = start()
+    headers = {} if authorization is None else {"Authorization": authorization}
+    status, reply_headers, body = plugin.request("POST", dp.EXECUTE_PATH, agent_call(), headers)
+    assert argo_agent_reads(status, body).message == "403: forbidden\n"
+    assert reply_headers["Connection"] == "close"
+    assert driver.seen == []
+    assert TOKEN not in plugin.log_stream.getvalue()
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_a_newline_in_the_file_is_ignored(
+    start: Callable[..., Plugin], token_file: Path
+) -> None:
+    token_file.write_text(TOKEN + "\n")
+    plugin = start()
+    status, _, body = plugin.request(
+        "POST", dp.EXECUTE_PATH, agent_call(), {"Authorization": f"bearer {TOKEN}"}
+    )
+    assert argo_agent_reads(status, body).phase == "Succeeded"
+
+
+def test_a_rotated_token_takes_effect_at_once(
+    start: Callable[..., Plugin], token_file: Path
+) -> None:
+    plugin = start()
+    assert plugin.execute(agent_call())[0] == 200
+    replacement = token_file.with_name("token.new")
+    replacement.write_text("Z" * 32)
+    replacement.replace(token_file)  # as kubelet swaps projected files: a new inode
+    assert plugin.execute(agent_call())[0] == 403
+    assert plugin.execute(agent_call(), token="Z" * 32)[0] == 200
+
+
+@pytest.mark.parametrize("make_unreadable", ["missing", "directory", "empty"])
+def test_an_unreadable_token_gets_503_naming_path_and_identity(
+    start: Callable[..., Plugin], token_file: Path, driver: FakeDriver, make_unreadable: str
+) -> None:
+    token_file.unlink()
+    if make_unreadable == "directory":
+        token_file.mkdir()
+    elif make_unreadable == "empty":
+        token_file.write_text("\n")
+    plugin = start()
+    status, body = plugin.execute(agent_call(), token="")
+    view = argo_agent_reads(status, body)
+    assert view.kind == "retry"
+    assert str(token_file) in view.message
+    assert f"uid {os.getuid()}" in view.message and "8737" in view.message
+    assert plugin.request("GET", "/healthz")[0] == 200
+    status, _, body = plugin.request("GET", "/readyz")
+    assert status == 503 and str(token_file).encode() in body
+    assert driver.seen == []
+
+
+###############################################################################
+# Parsing and ownership #######################################################
+###############################################################################
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "body is not JSON"),
+        (b"\xff\xfe\x00", "body is not JSON"),
+        (b"[1, 2]", "object-valued workflow and template"),
+        (b'{"workflow": {}, "template": "x"}', "object-valued workflow and template"),
+        (b'{"template": {}}', "object-valued workflow and template"),
+        (b"[" * 100_000 + b"]" * 100_000, "body is not JSON"),
+    ],
+)
+def test_bodies_that_are_not_agent_calls_get_400(
+    start: Callable[..., Plugin], driver: FakeDriver, body: bytes, needle: str
+) -> None:
+    plugin = start()
+    status, reply = plugin.execute(body)
+    view = argo_agent_reads(status, reply)
+    assert view.kind == "fail" and view.message.startswith("400: ") and needle in view.message
+    assert driver.seen == []
+
+
+@pytest.mark.parametrize("plugin_key", ["hello", "driver"])
+def test_templates_of_other_plugins_get_200_empty_and_are_not_forwarded(
+    start: Callable[..., Plugin], driver: FakeDriver, plugin_key: str
+) -> None:
+    plugin = start()
+    assert plugin.execute(agent_call(plugin_key=plugin_key)) == (200, b"{}")
+    no_plugin = json.dumps({"workflow": {}, "template": {"name": "t", "http": {}}}).encode()
+    assert plugin.execute(no_plugin) == (200, b"{}")
+    assert argo_agent_reads(200, b"{}").kind == "not_mine"
+    assert driver.seen == []
+
+
+def test_the_plugin_name_setting_chooses_the_key(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start(plugin_name="kfp-driver")
+    assert plugin.execute(agent_call()) == (200, b"{}")
+    assert plugin.agent(agent_call(plugin_key="kfp-driver")).phase == "Succeeded"
+    assert len(driver.seen) == 1
+
+
+###############################################################################
+# Forwarding ##################################################################
+###############################################################################
+
+
+def test_the_body_is_forwarded_unchanged_with_the_service_account_token(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start()
+    body = agent_call()
+    status, headers, _ = plugin.request(
+        "POST", dp.EXECUTE_PATH, body, {"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert status == 200
+    [seen] = driver.seen
+    assert seen.path == dp.EXECUTE_PATH
+    assert seen.body == body
+    assert seen.headers["Authorization"] == f"Bearer {SA_TOKEN}"
+    assert seen.headers["X-Request-ID"] == headers["X-Request-ID"]
+    assert all(TOKEN not in value for value in seen.headers.values())
+
+
+def test_without_a_service_account_token_nothing_is_sent_and_one_warning_logged(
+    start: Callable[..., Plugin], driver: FakeDriver, tmp_path: Path
+) -> None:
+    plugin = start(sa_token_file=str(tmp_path / "absent"))
+    plugin.execute(agent_call())
+    plugin.execute(agent_call({"type": "DAG"}))
+    assert [seen.headers.get("Authorization") for seen in driver.seen] == [None, None]
+    warnings = [line for line in plugin.log_lines() if line["level"] == "warning"]
+    assert len(warnings) == 1 and "service-account token" in warnings[0]["msg"]
+
+
+def test_a_base_path_in_the_upstream_url_is_kept(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start(upstream=driver.url + "/driver/")
+    plugin.execute(agent_call())
+    assert driver.seen[0].path == "/driver" + dp.EXECUTE_PATH
+
+
+def test_one_log_line_per_call_without_tokens_or_bodies(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    driver.script = lambda body: json_answer({"secret-output": "s3cr3t-value"})
+    plugin = start()
+    plugin.execute_logged(
+        agent_call(
+            {"type": "CONTAINER", "password": "hunter2"},
+            [
+                *KFP_OUTPUTS[:1],
+                {"name": "secret-output", "valueFrom": {"jsonPath": "$.secret-output"}},
+            ],
+        )
+    )
+    calls = [line for line in plugin.log_lines() if line["msg"] == "call"]
+    assert len(calls) == 1
+    call = calls[0]
+    assert call["namespace"] == "team-a" and call["workflow"] == "hello-x7k2p"
+    assert call["template"] == "system-container-driver"
+    assert (call["outcome"], call["upstream_status"]) == ("flat", 200)
+    assert call["request_id"] and call["duration_ms"] >= 0
+    text = plugin.log_stream.getvalue()
+    for secret in (TOKEN, SA_TOKEN, "hunter2", "s3cr3t-value"):
+        assert secret not in text
+
+
+###############################################################################
+# The reply table #############################################################
+###############################################################################
+
+
+def node_reply(node: Any, **extra: Any) -> Callable[[bytes], Answer]:
+    return lambda body: json_answer({"node": node, **extra})
+
+
+def test_a_succeeded_node_is_relayed(start: Callable[..., Plugin], driver: FakeDriver) -> None:
+    parameters = [{"name": "execution-id", "value": "42"}, {"name": "condition", "value": "nil"}]
+    driver.script = node_reply({"phase": "Succeeded", "outputs": {"parameters": parameters}})
+    view = start().agent(agent_call())
+    assert (view.kind, view.phase) == ("node", "Succeeded")
+    assert view.outputs == {"execution-id": "42", "condition": "nil"}
+
+
+def test_a_failed_node_is_relayed_with_its_message(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    message = "unable to drive execution: KFP driver: component not found"
+    driver.script = node_reply({"phase": "Failed", "message": message}, requeue="5s")
+    view = start().agent(agent_call())
+    assert (view.phase, view.message, view.requeue) == ("Failed", message, 0.0)
+
+
+@pytest.mark.parametrize("phase", [None, "", "Done", "succeeded", 3])
+def test_a_node_without_a_valid_phase_fails_saying_so(
+    start: Callable[..., Plugin], driver: FakeDriver, phase: Any
+) -> None:
+    node = {"message": "ok"} if phase is None else {"phase": phase}
+    driver.script = node_reply(node)
+    view = start().agent(agent_call())
+    assert view.phase == "Failed" and "without a valid phase" in view.message
+
+
+def test_parameter_values_become_strings(start: Callable[..., Plugin], driver: FakeDriver) -> None:
+    values = {"n": 42, "f": 1.5, "t": True, "o": {"b": [1, 2]}, "a": ["x"], "s": "text", "z": None}
+    parameters = [{"name": name, "value": value} for name, value in values.items()]
+    driver.script = node_reply(
+        {"phase": "Succeeded", "outputs": {"parameters": parameters, "result": {"r": 1}}}
+    )
+    status, body = start().execute(agent_call())
+    view = argo_agent_reads(status, body)
+    assert view.outputs == {
+        "n": "42",
+        "f": "1.5",
+        "t": "true",
+        "o": '{"b":[1,2]}',
+        "a": '["x"]',
+        "s": "text",
+        "z": "",
+    }
+    assert json.loads(body)["node"]["outputs"]["result"] == '{"r":1}'
+
+
+@pytest.mark.parametrize(
+    ("requeue", "expected"),
+    [
+        (5, 5.0),
+        (0.25, 0.25),
+        ("30s", 30.0),
+        ("1m", 60.0),
+        (None, 2.0),
+        (0, 2.0),
+        (-3, 2.0),
+        ("-1s", 2.0),
+        ("soon", 2.0),
+        ("", 2.0),
+        (True, 2.0),
+    ],
+)
+def test_running_and_pending_always_carry_a_positive_go_requeue(
+    start: Callable[..., Plugin], driver: FakeDriver, requeue: Any, expected: float
+) -> None:
+    extra = {} if requeue is None else {"requeue": requeue}
+    plugin = start(requeue=2.0)
+    for phase in ("Running", "Pending"):
+        driver.script = node_reply({"phase": phase, "message": "busy"}, **extra)
+        view = plugin.agent(agent_call({"phase": phase}))
+        assert (view.phase, view.requeue) == (phase, expected)
+
+
+def test_requeue_is_dropped_from_terminal_phases(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start()
+    for phase in ("Succeeded", "Failed", "Error", "Skipped", "Omitted"):
+        driver.script = node_reply({"phase": phase}, requeue="10s")
+        status, body = plugin.execute(agent_call({"phase": phase}))
+        assert "requeue" not in json.loads(body)
+        assert argo_agent_reads(status, body).phase == phase
+
+
+@pytest.mark.parametrize("answer", [{"node": None}, {"node": "Succeeded"}, {"node": []}])
+def test_an_answer_without_a_node_object_fails(
+    start: Callable[..., Plugin], driver: FakeDriver, answer: dict[str, Any]
+) -> None:
+    driver.script = lambda body: json_answer(answer)
+    view = start().agent(agent_call())
+    assert view.phase == "Failed" and "without a node" in view.message
+
+
+def test_declared_outputs_a_succeeded_node_omits_are_filled_from_defaults(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    parameters = [{"name": "pod-spec-patch", "value": '{"containers":[]}'}]
+    driver.script = node_reply({"phase": "Succeeded", "outputs": {"parameters": parameters}})
+    view = start().agent(agent_call(outputs=KFP_OUTPUTS))
+    assert view.outputs == {
+        "pod-spec-patch": '{"containers":[]}',
+        "cached-decision": "false",
+        "condition": "true",
+    }
+
+
+def test_a_flat_answer_fills_the_declared_outputs(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    patch = {"containers": [{"name": "main", "image": "busybox"}]}
+    driver.script = lambda body: json_answer(
+        {"pod-spec-patch": json.dumps(patch), "cached-decision": "true", "extra": 1}
+    )
+    view = start().agent(agent_call(outputs=KFP_OUTPUTS))
+    assert view.phase == "Succeeded"
+    assert view.outputs == {
+        "pod-spec-patch": json.dumps(patch),
+        "cached-decision": "true",
+        "condition": "true",
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("$.a", "1"),
+        ("$.b.c", "deep"),
+        ("$['with-dash']", "dashed"),
+        ('$["with-dash"]', "dashed"),
+        ("$.with-dash", "dashed"),
+        ("$.list[1]", "second"),
+        ("$.obj", '{"k":[1,true]}'),
+        ("$.flag", "false"),
+        ("$", None),
+    ],
+)
+def test_flat_answers_support_the_json_paths_kfp_writes(
+    start: Callable[..., Plugin], driver: FakeDriver, path: str, expected: str | None
+) -> None:
+    answer = {
+        "a": 1,
+        "b": {"c": "deep"},
+        "with-dash": "dashed",
+        "list": ["first", "second"],
+        "obj": {"k": [1, True]},
+        "flag": False,
+    }
+    driver.script = lambda body: json_answer(answer)
+    view = start().agent(agent_call(outputs=[{"name": "out", "valueFrom": {"jsonPath": path}}]))
+    assert view.phase == "Succeeded"
+    assert (
+        json.loads(view.outputs["out"]) == answer
+        if expected is None
+        else view.outputs["out"] == expected
+    )
+
+
+def test_flat_answers_fall_back_to_value_from_default_then_default(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    driver.script = lambda body: json_answer({"present": "p", "null": None})
+    outputs = [
+        {
+            "name": "one",
+            "valueFrom": {"jsonPath": "$.absent", "default": "vf-default"},
+            "default": "d",
+        },
+        {"name": "two", "valueFrom": {"jsonPath": "$.absent"}, "default": "plain-default"},
+        {"name": "three", "valueFrom": {"jsonPath": "$.null", "default": "for-null"}},
+        {"name": "four", "valueFrom": {"jsonPath": "$.present"}, "globalName": "g4"},
+    ]
+    status, body = start().execute(agent_call(outputs=outputs))
+    view = argo_agent_reads(status, body)
+    assert view.outputs == {
+        "one": "vf-default",
+        "two": "plain-default",
+        "three": "for-null",
+        "four": "p",
+    }
+    exported = json.loads(body)["node"]["outputs"]["parameters"][3]
+    assert exported["globalName"] == "g4"  # the controller exports only what the reply carries
+
+
+def test_a_declared_output_with_no_value_and_no_default_fails_naming_it(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    driver.script = lambda body: json_answer({"cached-decision": "false"})
+    outputs = [*KFP_OUTPUTS, {"name": "execution-id", "valueFrom": {"jsonPath": "$.execution-id"}}]
+    view = start().agent(agent_call(outputs=outputs))
+    assert view.phase == "Failed" and "'execution-id'" in view.message
+
+
+def test_an_unsupported_json_path_fails_naming_the_output(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    driver.script = lambda body: json_answer({"a": [1]})
+    view = start().agent(agent_call(outputs=[{"name": "x", "valueFrom": {"jsonPath": "$.a[*]"}}]))
+    assert (
+        view.phase == "Failed" and "'x'" in view.message and "unsupported jsonPath" in view.message
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "needle"),
+    [
+        (Answer(200, b"<html>oops</html>", {"Content-Type": "text/html"}), "text/html"),
+        (Answer(200, b"", {}), "not a JSON object"),
+        (Answer(200, b"[1,2]", {"Content-Type": "application/json"}), "[1,2]"),
+        (Answer(200, b'"Succeeded"', {}), "Succeeded"),
+    ],
+)
+def test_a_200_that_is_not_a_json_object_fails_quoting_it(
+    start: Callable[..., Plugin], driver: FakeDriver, answer: Answer, needle: str
+) -> None:
+    driver.script = lambda body: answer
+    view = start().agent(agent_call(outputs=KFP_OUTPUTS))
+    assert view.phase == "Failed" and needle in view.message and "not a JSON object" in view.message
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422, 500, 501])
+def test_driver_errors_fail_the_node_once_without_retry(
+    start: Callable[..., Plugin], driver: FakeDriver, status: int
+) -> None:
+    reason = "driver execution failed: KFP driver: bad task spec"
+    driver.script = lambda body: Answer(status, reason.encode(), {"Content-Type": "text/plain"})
+    view = start().agent(agent_call())
+    assert view.kind == "node" and view.phase == "Failed"  # never a 404 to the agent
+    assert str(status) in view.message and reason in view.message
+    assert len(driver.seen) == 1
+
+
+@pytest.mark.parametrize("status", [201, 202, 204, 301, 302, 307, 308])
+def test_other_statuses_fail_and_redirects_are_not_followed(
+    start: Callable[..., Plugin], driver: FakeDriver, status: int
+) -> None:
+    driver.script = lambda body: Answer(status, b"", {"Location": driver.url + "/elsewhere"})
+    view = start().agent(agent_call())
+    assert view.phase == "Failed" and str(status) in view.message
+    assert [seen.path for seen in driver.seen] == [dp.EXECUTE_PATH]
+
+
+def test_an_answer_over_max_body_fails(start: Callable[..., Plugin], driver: FakeDriver) -> None:
+    driver.script = lambda body: json_answer({"pod-spec-patch": "x" * 5000})
+    view = start(max_body=4096).agent(agent_call())
+    assert view.phase == "Failed" and "larger than --max-body" in view.message
+
+
+def test_an_answer_that_is_not_http_fails(start: Callable[..., Plugin], driver: FakeDriver) -> None:
+    driver.script = lambda body: Answer(raw=b"SSH-2.0-OpenSSH_9.6\r\n")
+    view = start().agent(agent_call())
+    assert view.phase == "Failed" and "not HTTP" in view.message
+
+
+###############################################################################
+# Outages #####################################################################
+###############################################################################
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+def test_transient_statuses_are_retried_within_the_call(
+    start: Callable[..., Plugin], driver: FakeDriver, status: int
+) -> None:
+    answers = iter([Answer(status, b"busy"), Answer(status, b"busy")])
+    driver.script = lambda body: next(answers, Answer())
+    plugin = start()
+    plugin.server.transient_retry_budget = 5.0
+    assert plugin.agent(agent_call()).phase == "Succeeded"
+    assert len(driver.seen) == 3
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+def test_a_lasting_outage_is_pending_then_failed_after_max_outage(
+    start: Callable[..., Plugin], driver: FakeDriver, status: int
+) -> None:
+    driver.script = lambda body: Answer(status, b"driver server overloaded")
+    plugin = start(requeue=3.0)
+    view = plugin.agent(agent_call())
+    assert (view.phase, view.requeue) == ("Pending", 3.0)
+    assert f"answered {status}" in view.message and "driver server overloaded" in view.message
+    plugin.server.calls.max_outage = 0.0  # as if --max-outage had passed since the first failure
+    view = plugin.agent(agent_call())
+    assert view.phase == "Failed" and "giving up" in view.message and "overloaded" in view.message
+    plugin.server.calls.max_outage = 600.0
+    assert plugin.agent(agent_call()).phase == "Pending"  # a retried node starts a new clock
+
+
+def test_recovery_resets_the_outage_clock(start: Callable[..., Plugin], driver: FakeDriver) -> None:
+    answers = iter([Answer(503, b"down")] * 3 + [Answer()] + [Answer(503, b"down")] * 3)
+    driver.script = lambda body: next(answers)
+    plugin = start()
+    assert plugin.agent(agent_call()).phase == "Pending"
+    plugin.server.calls.result_ttl = 0  # keep nothing, so the next call asks again
+    assert plugin.agent(agent_call()).phase == "Succeeded"
+    plugin.server.calls.max_outage = 0.001
+    assert plugin.agent(agent_call()).phase in ("Pending", "Failed")
+    assert plugin.server.calls.sizes()[2] <= 1
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_refused_connection_is_pending_with_the_reason(start: Callable[..., Plugin]) -> None:
+    port = closed_port()
+    view = start(upstream=f"http://127.0.0.1:{port}").agent(agent_call())
+    assert view.phase == "Pending"
+    assert view.message == f"driver server unreachable: connection refused by 127.0.0.1:{port}"
+
+
+def test_a_connection_closed_without_an_answer_is_pending(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    driver.script = lambda body: Answer(close=True)
+    view = start().agent(agent_call())
+    assert view.phase == "Pending" and "closed the connection" in view.message
+
+
+def test_transport_errors_are_described_for_operators() -> None:
+    import ssl
+
+    cases = [
+        (socket.gaierror(-2, "Name or service not known"), "cannot resolve 'driver'"),
+        (ConnectionRefusedError(111, "refused"), "connection refused by driver:8080"),
+        (TimeoutError("timed out"), "timed out"),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), "TLS failed"),
+        (http.client.RemoteDisconnected("gone"), "closed the connection"),
+        (http.client.BadStatusLine("junk"), "not HTTP"),
+        (OSError(113, "No route to host"), "No route to host"),
+    ]
+    for error, needle in cases:
+        assert needle in dp.describe_transport_error(error, "driver:8080")
+
+
+###############################################################################
+# Deadlines, sharing and replay ###############################################
+###############################################################################
+
+
+def test_a_slow_call_answers_running_then_its_result_once(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    gate = threading.Event()
+    outputs = {"parameters": [{"name": "execution-id", "value": "7"}]}
+    driver.script = lambda body: Answer(
+        body=json.dumps({"node": {"phase": "Succeeded", "outputs": outputs}}).encode(), gate=gate
+    )
+    plugin = start(reply_deadline=0.2, requeue=1.0)
+    view = plugin.agent(agent_call())
+    assert (view.phase, view.requeue) == ("Running", 1.0)
+    gate.set()
+    plugin.wait_finished()
+    for _ in range(3):  # kept for --result-ttl: every identical call gets it, none re-runs it
+        view = plugin.agent(agent_call())
+        assert (view.phase, view.outputs) == ("Succeeded", {"execution-id": "7"})
+    assert len(driver.seen) == 1
+    assert plugin.server.metrics.replayed == 3
+
+
+def test_identical_calls_in_flight_share_one_driver_call(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    gate = threading.Event()
+    driver.script = lambda body: Answer(gate=gate)
+    plugin = start()
+    views: list[AgentView] = []
+    callers = [
+        threading.Thread(target=lambda: views.append(plugin.agent(agent_call()))) for _ in range(3)
+    ]
+    for caller in callers:
+        caller.start()
+    assert driver.received.acquire(timeout=10)
+    for _ in range(2):
+        assert plugin.joined.acquire(timeout=10)
+    gate.set()
+    for caller in callers:
+        caller.join(10)
+    assert [view.phase for view in views] == ["Succeeded"] * 3
+    assert len(driver.seen) == 1
+    assert plugin.server.metrics.coalesced == 2
+
+
+def test_a_joined_call_past_its_deadline_answers_running(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    gate = threading.Event()
+    driver.script = lambda body: Answer(gate=gate)
+    plugin = start(reply_deadline=0.3)
+    first = plugin.agent(agent_call())
+    second = plugin.agent(agent_call())  # joins the call still in flight, then times out
+    assert (first.phase, second.phase) == ("Running", "Running")
+    gate.set()
+    plugin.wait_finished()
+    assert plugin.agent(agent_call()).phase == "Succeeded"
+    assert len(driver.seen) == 1
+
+
+def test_a_failure_nobody_waited_for_is_handed_over_once(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    gate = threading.Event()
+    failed = json.dumps({"node": {"phase": "Failed", "message": "KFP driver: boom"}}).encode()
+    driver.script = lambda body: Answer(body=failed, gate=gate)
+    plugin = start(reply_deadline=0.2)
+    assert plugin.agent(agent_call()).phase == "Running"
+    gate.set()
+    plugin.wait_finished()
+    view = plugin.agent(agent_call())
+    assert (view.phase, view.message) == ("Failed", "KFP driver: boom")
+    driver.script = lambda body: Answer()
+    assert plugin.agent(agent_call()).phase == "Succeeded"  # Argo's retry runs the driver again
+    assert len(driver.seen) == 2
+
+
+def test_a_failure_handed_over_at_once_is_not_kept(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    driver.script = node_reply({"phase": "Failed", "message": "no"})
+    plugin = start()
+    assert [plugin.agent(agent_call()).phase for _ in range(2)] == ["Failed", "Failed"]
+    assert len(driver.seen) == 2
+
+
+def test_a_slow_call_that_ends_in_an_outage_is_asked_again(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    gate = threading.Event()
+    driver.script = lambda body: Answer(503, b"restarting", gate=gate)
+    plugin = start(reply_deadline=0.2)
+    assert plugin.agent(agent_call()).phase == "Running"
+    gate.set()
+    plugin.wait_finished()
+    driver.script = lambda body: Answer()
+    assert plugin.agent(agent_call()).phase == "Succeeded"
+    assert len(driver.seen) == 2
+
+
+def test_a_driver_call_over_the_upstream_timeout_is_given_up(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    gate = threading.Event()
+    driver.script = lambda body: Answer(gate=gate)
+    plugin = start(reply_deadline=0.1, upstream_timeout=0.3)
+    try:
+        assert plugin.agent(agent_call()).phase == "Running"
+        plugin.wait_finished()
+        finished = [
+            line for line in plugin.log_lines() if line["msg"] == "slow driver call finished"
+        ]
+        assert finished[0]["outcome"] == "pending"
+    finally:
+        gate.set()
+
+
+def test_kept_results_are_bounded_and_expire(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start()
+    plugin.server.calls.max_results = 2
+    bodies = [agent_call({"task_name": name}) for name in ("a", "b", "c")]
+    for body in bodies:
+        plugin.agent(body)
+    assert plugin.server.calls.sizes()[1] == 2
+    plugin.agent(bodies[2])  # kept
+    plugin.agent(bodies[0])  # evicted first, so asked again
+    assert [seen.body for seen in driver.seen] == [*bodies, bodies[0]]
+    plugin.server.calls.result_ttl = 0.0
+    plugin.agent(bodies[1])
+    plugin.agent(bodies[1])
+    assert driver.bodies()[-2:] == [bodies[1], bodies[1]]
+
+
+###############################################################################
+# Connections #################################################################
+###############################################################################
+
+
+def test_keep_alive_and_pipelined_requests(start: Callable[..., Plugin]) -> None:
+    plugin = start()
+    body = agent_call()
+    request = (
+        f"POST {dp.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    closing = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    replies = raw_exchange(plugin.port, request + request + closing)
+    assert replies.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert replies.count(b'"phase":"Succeeded"') == 2
+
+
+def test_a_client_that_leaves_mid_body_costs_nothing(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start()
+    with socket.create_connection(("127.0.0.1", plugin.port)) as sock:
+        sock.sendall(
+            f"POST {dp.EXECUTE_PATH} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            'Content-Length: 500\r\n\r\n{"workflow"'.encode()
+        )
+    assert plugin.agent(agent_call()).phase == "Succeeded"
+    assert len(driver.seen) == 1
+
+
+class CountingWriter(io.BytesIO):
+    writes = 0
+
+    def write(self, data: Any) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+def socketless(server: dp.PluginServer, raw: bytes) -> tuple[bytes, int]:
+    """Run the handler over in-memory streams: the reply and how many writes it took."""
+    handler = dp.AgentRequestHandler.__new__(dp.AgentRequestHandler)
+    handler.server = server
+    handler.client_address = ("127.0.0.1", 1)
+    handler.rfile = io.BytesIO(raw)
+    handler.wfile = CountingWriter()
+    handler.close_connection = True
+    handler.handle_one_request()
+    assert isinstance(handler.wfile, CountingWriter)
+    return handler.wfile.getvalue(), handler.wfile.writes
+
+
+@pytest.fixture
+def idle_server(token_file: Path) -> Iterator[dp.PluginServer]:
+    settings = dp.Settings(
+        host="127.0.0.1", port=0, token_file=str(token_file), upstream="http://x"
+    )
+    server = dp.make_server(settings, dp.JsonLog("error", io.StringIO()))
+    yield server
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /healthz HTTP/1.1\r\n\r\n", b"200"),
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
+        (b"GARBAGE\r\n\r\n", b"400"),
+        (b"GET /healthz HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+        (b"BREW /healthz HTTP/1.1\r\n\r\n", b"405"),
+        (b"PUT /nowhere HTTP/1.1\r\n\r\n", b"404"),
+        (b"POST /api/v1/template.execute HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
+    ],
+)
+def test_each_reply_is_one_write(idle_server: dp.PluginServer, raw: bytes, status: bytes) -> None:
+    reply, writes = socketless(idle_server, raw)
+    assert reply.startswith(b"HTTP/1.1 " + status + b" ")
+    assert writes == 1
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert f"Content-Length: {len(body)}".encode() in head
+
+
+###############################################################################
+# Shutdown ####################################################################
+###############################################################################
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_drains_calls_in_flight_and_exits_0(
+    driver: FakeDriver, token_file: Path, tmp_path: Path, signum: int
+) -> None:
+    gate = threading.Event()
+    driver.script = lambda body: Answer(gate=gate)
+    port = closed_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "driver_plugin.py",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--upstream",
+            driver.url,
+            "--token-file",
+            str(token_file),
+            "--sa-token-file",
+            str(tmp_path / "none"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if '"listening"' in line:
+                break
+        views: list[AgentView] = []
+        plugin = Plugin.__new__(Plugin)
+        plugin.port = port
+        caller = threading.Thread(target=lambda: views.append(plugin.agent(agent_call())))
+        caller.start()
+        assert driver.received.acquire(timeout=10)
+        process.send_signal(signum)
+        gate.set()
+        caller.join(10)
+        assert process.wait(timeout=20) == 0
+        assert [view.phase for view in views] == ["Succeeded"]
+        assert '"drained":true' in process.stderr.read()
+    finally:
+        gate.set()
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
