@@ -387,25 +387,41 @@ class SecretFile:
     The value never appears in a message: errors describe the path and the process, nothing else.
     """
 
+    #: Seconds between looks at the file: a stat per call costs more than the rest of the check,
+    #: and kubelet rotates a projected token long before the old one stops being valid.
+    recheck_interval = 1.0
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._signature: tuple[int, int, int] | None = None
-        self._value = b""
+        # (value, problem), replaced as a whole so that no thread sees half an update.
+        self._state = (b"", f"{path}: not read yet")
+        self._next_look = 0.0
 
     def read(self) -> bytes:
+        now = time.monotonic()
+        if now >= self._next_look:
+            self._state = self._look()
+            self._next_look = now + self.recheck_interval
+        value, problem = self._state
+        if problem or not value:
+            raise SecretUnavailable(problem or f"{self.path}: no value")
+        return value
+
+    def _look(self) -> tuple[bytes, str]:
         try:
             stat = os.stat(self.path)
             signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-            if signature != self._signature:
-                with open(self.path, "rb") as handle:
-                    value = handle.read(64 << 10).strip()
-                self._value, self._signature = value, signature
+            if signature == self._signature:
+                return self._state
+            with open(self.path, "rb") as handle:
+                value = handle.read(64 << 10).strip()
         except OSError as error:
-            raise SecretUnavailable(f"{self.path}: {error.strerror or error}") from None
-        if not self._value:
-            # An empty token would accept "Bearer " from anyone: fail closed.
-            raise SecretUnavailable(f"{self.path}: the file is empty")
-        return self._value
+            self._signature = None
+            return b"", f"{self.path}: {error.strerror or error}"
+        self._signature = signature
+        # An empty token would accept "Bearer " from anyone: fail closed.
+        return value, "" if value else f"{self.path}: the file is empty"
 
     def exists(self) -> bool:
         return os.path.isfile(self.path)
@@ -977,7 +993,7 @@ def bearer_matches(header: str | None, token: bytes) -> bool:
     if header is None:
         return False
     scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer":
+    if scheme.lower() != "bearer" or not token:
         return False
     return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), token)
 

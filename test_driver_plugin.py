@@ -601,12 +601,37 @@ def test_a_rotated_token_takes_effect_at_once(
     start: Callable[..., Plugin], token_file: Path
 ) -> None:
     plugin = start()
+    plugin.server.agent_token.recheck_interval = 0.0  # production looks once a second
     assert plugin.execute(agent_call())[0] == 200
     replacement = token_file.with_name("token.new")
     replacement.write_text("Z" * 32)
     replacement.replace(token_file)  # as kubelet swaps projected files: a new inode
     assert plugin.execute(agent_call())[0] == 403
     assert plugin.execute(agent_call(), token="Z" * 32)[0] == 200
+
+
+def test_concurrent_first_reads_all_see_the_token(token_file: Path) -> None:
+    secret = dp.SecretFile(str(token_file))
+    barrier = threading.Barrier(16)
+    seen: list[bytes] = []
+
+    def read() -> None:
+        barrier.wait()
+        seen.append(secret.read())
+
+    readers = [threading.Thread(target=read) for _ in range(16)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(10)
+    assert seen == [TOKEN.encode()] * 16
+
+
+def test_an_empty_token_or_header_matches_nothing() -> None:
+    assert not dp.bearer_matches("Bearer ", b"")
+    assert not dp.bearer_matches("Bearer", b"")
+    assert not dp.bearer_matches("Bearer ", TOKEN.encode())
+    assert dp.bearer_matches(f"Bearer {TOKEN}", TOKEN.encode())
 
 
 @pytest.mark.parametrize("make_unreadable", ["missing", "directory", "empty"])
