@@ -610,27 +610,39 @@ def normalise_node(
             return Reply.failed(
                 "driver server answered outputs that are not an object", "bad_reply"
             )
-        clean_outputs = dict(outputs)
+        clean_outputs: dict[str, Any] = {}
         parameters = outputs.get("parameters")
         if parameters is not None:
             if not isinstance(parameters, list) or not all(
-                isinstance(p, dict) and isinstance(p.get("name"), str) for p in parameters
+                isinstance(p, dict) and _is_parameter_name(p.get("name")) for p in parameters
             ):
+                # The TaskSet patch would be refused and Error every node in the agent's batch.
                 return Reply.failed(
-                    "driver server answered output parameters without names", "bad_reply"
+                    "driver server answered output parameters without valid names", "bad_reply"
                 )
             clean_outputs["parameters"] = [
                 {**p, "value": parameter_value(p.get("value"))} for p in parameters
             ]
-        if "result" in outputs:
-            clean_outputs["result"] = parameter_value(outputs["result"])
-        clean["outputs"] = clean_outputs
+        for key in ("result", "exitCode"):
+            if key in outputs:
+                clean_outputs[key] = parameter_value(outputs[key])
+        if isinstance(outputs.get("artifacts"), list):
+            clean_outputs["artifacts"] = outputs["artifacts"]
+        if clean_outputs:
+            clean["outputs"] = clean_outputs
     if phase == "Succeeded":
         _fill_declared_defaults(clean, template)
     if phase in TERMINAL_PHASES:
         # A terminal phase with a requeue makes the agent call again for a pruned task.
         return Reply.node(clean, "relayed")
     return Reply.node(clean, "relayed", requeue=_requeue_seconds(requeue, default_requeue))
+
+
+_PARAMETER_NAME = re.compile(r"[-a-zA-Z0-9_]+")
+
+
+def _is_parameter_name(name: Any) -> bool:
+    return isinstance(name, str) and _PARAMETER_NAME.fullmatch(name) is not None
 
 
 def _fill_declared_defaults(node: dict[str, Any], template: dict[str, Any]) -> None:
@@ -1106,7 +1118,8 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         if close:
             self.close_connection = True
             lines.append("Connection: close")
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + reply.body)
+        body = b"" if self.command == "HEAD" else reply.body  # HEAD: the length, not the body
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
     def _has_body(self) -> bool:
         return "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
@@ -1116,11 +1129,12 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             return Reply.text(
                 411, "send the body with Content-Length, not chunked", "no_length", True
             )
-        raw = self.headers.get("Content-Length")
-        if raw is None:
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
             return Reply.text(411, "Content-Length is required", "no_length", close=True)
-        if not raw.isdigit():
-            return Reply.text(400, "Content-Length is not a number", "bad_request", close=True)
+        raw = values[0].strip()
+        if len(values) > 1 or not (raw.isascii() and raw.isdigit()):
+            return Reply.text(400, "one numeric Content-Length, please", "bad_request", True)
         length = int(raw)
         if length > self.server.settings.max_body:
             limit = self.server.settings.max_body

@@ -863,6 +863,34 @@ def test_requeue_is_dropped_from_terminal_phases(
         assert argo_agent_reads(status, body).phase == phase
 
 
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        {"parameters": [{"value": "nameless"}]},
+        {"parameters": [{"name": "has space", "value": "x"}]},
+        {"parameters": {"name": "x"}},
+        "not an object",
+    ],
+)
+def test_outputs_the_controller_would_refuse_fail_the_node(
+    start: Callable[..., Plugin], driver: FakeDriver, outputs: Any
+) -> None:
+    driver.script = node_reply({"phase": "Succeeded", "outputs": outputs})
+    view = start().agent(agent_call())
+    assert view.phase == "Failed"
+    assert "outputs that are not an object" in view.message or "valid names" in view.message
+
+
+def test_unknown_output_fields_are_dropped(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    outputs = {"parameters": [], "exitCode": 0, "artifacts": "junk", "surprise": {"x": 1}}
+    driver.script = node_reply({"phase": "Succeeded", "outputs": outputs})
+    status, body = start().execute(agent_call())
+    assert argo_agent_reads(status, body).phase == "Succeeded"
+    assert json.loads(body)["node"]["outputs"] == {"parameters": [], "exitCode": "0"}
+
+
 @pytest.mark.parametrize("answer", [{"node": None}, {"node": "Succeeded"}, {"node": []}])
 def test_an_answer_without_a_node_object_fails(
     start: Callable[..., Plugin], driver: FakeDriver, answer: dict[str, Any]
@@ -1270,6 +1298,16 @@ def test_keep_alive_and_pipelined_requests(start: Callable[..., Plugin]) -> None
     assert replies.count(b'"phase":"Succeeded"') == 2
 
 
+def test_head_gets_the_length_but_no_body(start: Callable[..., Plugin]) -> None:
+    plugin = start()
+    head = b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    get = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    replies = raw_exchange(plugin.port, head + get)
+    first, _, second = replies.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 405 ") and b"Content-Length: " in first
+    assert second.startswith(b"HTTP/1.1 200 OK\r\n")  # framing intact: no stray HEAD body
+
+
 def test_a_client_that_leaves_mid_body_costs_nothing(
     start: Callable[..., Plugin], driver: FakeDriver
 ) -> None:
@@ -1324,6 +1362,12 @@ def idle_server(token_file: Path) -> Iterator[dp.PluginServer]:
         (b"BREW /healthz HTTP/1.1\r\n\r\n", b"405"),
         (b"PUT /nowhere HTTP/1.1\r\n\r\n", b"404"),
         (b"POST /api/v1/template.execute HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
+        (b"POST /api/v1/template.execute HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", b"400"),
+        (
+            b"POST /api/v1/template.execute HTTP/1.1\r\nContent-Length: 2\r\n"
+            b"Content-Length: 3\r\n\r\n{}",
+            b"400",
+        ),
     ],
 )
 def test_each_reply_is_one_write(idle_server: dp.PluginServer, raw: bytes, status: bytes) -> None:
