@@ -34,6 +34,9 @@ pytest: $(VENV)/.installed
 configmap: $(VENV)/.installed
 	$(VPY) tools/build_configmap.py plugin.yaml
 
+check-configmap: $(VENV)/.installed
+	$(VPY) tools/build_configmap.py --check plugin.yaml
+
 ## image: build the distroless image (needs docker)
 image:
 	docker build -t $(IMAGE) .
