@@ -1,0 +1,89 @@
+"""The bench's peer baseline: the naive executor-plugin pattern, as a proxy.
+
+This is how the published Python executor plugins are built: a single-threaded
+``http.server.HTTPServer`` with the default HTTP/1.0 protocol (one TCP connection per call, the
+default listen backlog of 5), the body parsed with ``json.loads``, the token compared with ``!=``,
+and the call forwarded with a fresh ``urllib.request.urlopen`` each time (urllib sends
+``Connection: close``, so there is no upstream connection reuse either).
+
+Run: ``python3 bench/naive_proxy.py --port 0 --upstream http://127.0.0.1:N --token-file F``
+(prints ``listening <port>`` on stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from types import FrameType
+
+
+class Server(HTTPServer):
+    upstream = ""
+    token = ""
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+
+    def do_POST(self) -> None:
+        if self.headers.get("Authorization") != "Bearer " + self.server.token:
+            self.send_response(403)
+            self.end_headers()
+            return
+        length = int(self.headers.get("Content-Length", "0"))
+        args = json.loads(self.rfile.read(length))
+        if "driver-plugin" not in args.get("template", {}).get("plugin", {}):
+            self._reply(200, b"{}")
+            return
+        request = urllib.request.Request(
+            self.server.upstream + "/api/v1/template.execute",
+            data=json.dumps(args).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            reply = json.loads(response.read())
+        self._reply(200, json.dumps(reply).encode())
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Silent, so that the baseline is not penalised for logging."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--upstream", required=True)
+    parser.add_argument("--token-file", required=True)
+    args = parser.parse_args(argv)
+    server = Server((args.host, args.port), Handler)
+    server.upstream = args.upstream.rstrip("/")
+    with open(args.token_file, encoding="utf-8") as token_file:
+        server.token = token_file.read()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"listening {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
