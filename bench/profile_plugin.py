@@ -156,6 +156,11 @@ def per_call_table(stats: pstats.Stats, calls: int, top: int, sort: str) -> str:
     for (filename, line, name), (_cc, ncalls, tottime, cumtime, _callers) in raw.items():
         where = f"{Path(filename).name}:{line}" if line else filename
         rows.append((tottime, cumtime, ncalls, f"{name} ({where})"))
+    by_module: dict[str, float] = {}
+    for tottime, _cum, _n, label in rows:
+        where = label.rsplit("(", 1)[-1].rstrip(")")
+        module = where.split(":", 1)[0] if where != "~" else label.split(" (", 1)[0]
+        by_module[module] = by_module.get(module, 0.0) + tottime
     index = 0 if sort == "tottime" else 1
     rows.sort(key=lambda row: row[index], reverse=True)
     total = sum(row[0] for row in rows)
@@ -167,6 +172,9 @@ def per_call_table(stats: pstats.Stats, calls: int, top: int, sort: str) -> str:
             f"{tottime / calls * 1e6:>12.1f}{cumtime / calls * 1e6:>12.1f}"
             f"{ncalls / calls:>11.2f}  {label}\n"
         )
+    out.write(f"\nown time by module (or builtin){'':>4}us/call  share\n")
+    for module, tottime in sorted(by_module.items(), key=lambda kv: kv[1], reverse=True)[:top]:
+        out.write(f"{module[:40]:<40}{tottime / calls * 1e6:>8.1f}{100 * tottime / total:>6.1f}%\n")
     return out.getvalue()
 
 

@@ -695,18 +695,18 @@ class Bench:
                 log(f"{clients} client(s), round {round_no + 1}/{s.rounds}: p50 {summary}")
         self.pin_for(self.settings.high_clients)
 
-    def rss(self) -> dict[str, Any]:
-        """A fresh plugin: RSS idle, after half the calls and after all of them (16 clients)."""
+    def rss(self, chunks: int = 10) -> dict[str, Any]:
+        """A fresh plugin: RSS idle, then after each tenth of the calls (16 clients, a new wrk
+        run and new connections per tenth); the growth is from half of the calls to all."""
         s = self.settings
         proc, port = self.start_plugin("plugin-rss")
+        points: list[dict[str, Any]] = []
         try:
             time.sleep(0.5)
-            idle = rss_kib(proc.pid)
-            points: list[dict[str, Any]] = [{"calls": 0, "rss_kib": idle}]
+            points.append({"calls": 0, "rss_kib": rss_kib(proc.pid)})
             total = 0
-            half = s.rss_calls // 2
-            per_thread = max(1, half // s.high_threads)
-            for _ in range(2):
+            per_thread = max(1, s.rss_calls // chunks // s.high_threads)
+            for chunk in range(chunks):
                 started = time.perf_counter()
                 run = self.wrk.run(
                     port, s.high_threads, s.high_clients, 900, per_thread_limit=per_thread
@@ -722,20 +722,21 @@ class Bench:
                     {
                         "calls": total,
                         "rss_kib": rss_kib(proc.pid),
-                        "seconds": round(elapsed, 2),
                         "rps": round(run.requests / elapsed, 1),
                     }
                 )
-                log(f"RSS after {total} calls: {points[-1]['rss_kib'] / 1024:.1f} MiB")
+                if chunk % 2 == 1:
+                    log(f"RSS after {total} calls: {points[-1]['rss_kib'] / 1024:.1f} MiB")
         finally:
             self.procs.stop(proc)
-        result: dict[str, Any] = {"points": points, "idle_kib": idle}
-        if len(points) == 3:
-            result["half_kib"] = points[1]["rss_kib"]
-            result["full_kib"] = points[2]["rss_kib"]
-            result["growth_pct"] = round(
-                100.0 * (points[2]["rss_kib"] - points[1]["rss_kib"]) / points[1]["rss_kib"], 2
-            )
+        result: dict[str, Any] = {"points": points, "idle_kib": points[0]["rss_kib"]}
+        if len(points) == chunks + 1:
+            half, full = points[chunks // 2]["rss_kib"], points[chunks]["rss_kib"]
+            result["half_calls"] = points[chunks // 2]["calls"]
+            result["half_kib"] = half
+            result["full_calls"] = points[chunks]["calls"]
+            result["full_kib"] = full
+            result["growth_pct"] = round(100.0 * (full - half) / half, 2)
         return result
 
     def startup(self) -> dict[str, Any]:
@@ -818,6 +819,12 @@ def write_results(report: dict[str, Any], stamp: str) -> Path:
     return path
 
 
+def short_count(count: int) -> str:
+    if count >= 10_000:
+        return f"{count / 1000:.0f}k"
+    return f"{count / 1000:.1f}k" if count >= 1000 else str(count)
+
+
 def print_report(out: TextIO, report: dict[str, Any], bench: Bench) -> None:
     meta = report["machine"]
     print(
@@ -835,9 +842,14 @@ def print_report(out: TextIO, report: dict[str, Any], bench: Bench) -> None:
     rss = report.get("rss") or {}
     if rss:
         points = ", ".join(
-            f"{p['calls']} calls {p['rss_kib'] / 1024:.1f} MiB" for p in rss.get("points", [])
+            f"{short_count(p['calls'])} {p['rss_kib'] / 1024:.1f}" for p in rss.get("points", [])
         )
-        print(f"\nplugin RSS: {points}; growth {rss.get('growth_pct', 'n/a')}%", file=out)
+        print(
+            f"\nplugin RSS in MiB after N calls: {points}; "
+            f"growth {rss.get('half_calls', '?')}->{rss.get('full_calls', '?')} calls: "
+            f"{rss.get('growth_pct', 'n/a')}%",
+            file=out,
+        )
     start = report.get("startup") or {}
     if start:
         print(
