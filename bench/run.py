@@ -73,6 +73,7 @@ class Settings:
     install: bool
     keep: bool
     quick: bool
+    plugin_env: tuple[tuple[str, str], ...] = ()
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
@@ -92,11 +93,24 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     )
     parser.add_argument("--no-install", action="store_true", help="never apt-get wrk or nginx")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    parser.add_argument(
+        "--plugin-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the plugin, e.g. MALLOC_ARENA_MAX=2 (repeatable)",
+    )
     args = parser.parse_args(argv)
     paths = tuple(p for p in args.paths.split(",") if p)
     unknown = set(paths) - set(ALL_PATHS)
     if unknown:
         parser.error(f"unknown paths {sorted(unknown)}")
+    plugin_env = []
+    for item in args.plugin_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--plugin-env {item!r}: expected NAME=VALUE")
+        plugin_env.append((name, value))
     if "direct" not in paths:
         paths = ("direct", *paths)
     quick = bool(args.quick)
@@ -118,6 +132,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         paths=tuple(p for p in ALL_PATHS if p in paths),
         install=not args.no_install,
         keep=bool(args.keep),
+        plugin_env=tuple(plugin_env),
         quick=quick,
     )
 
@@ -225,7 +240,9 @@ class Processes:
         self.running: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, Path] = {}
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log_path = self.tmp / f"{name}.log"
         with log_path.open("ab") as out:
             proc = subprocess.Popen(
@@ -234,7 +251,7 @@ class Processes:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=child_env(),
+                env={**child_env(), **(env or {})},
                 cwd=self.tmp,
             )
         self.running.append(proc)
@@ -560,7 +577,7 @@ class Bench:
 
     def start_plugin(self, name: str = "plugin") -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
-        proc = self.procs.start(name, self.plugin_cmd(port))
+        proc = self.procs.start(name, self.plugin_cmd(port), dict(self.settings.plugin_env))
         try:
             wait_ready(self.procs, proc, port, "/healthz")
         except BenchError as exc:
@@ -746,7 +763,9 @@ class Bench:
         for _ in range(self.settings.startups):
             port = free_port()
             started = time.perf_counter()
-            proc = self.procs.start("plugin-startup", self.plugin_cmd(port))
+            proc = self.procs.start(
+                "plugin-startup", self.plugin_cmd(port), dict(self.settings.plugin_env)
+            )
             try:
                 wait_ready(self.procs, proc, port, "/healthz", pause_s=0.001)
                 times.append((time.perf_counter() - started) * 1e3)
@@ -782,8 +801,12 @@ def machine() -> dict[str, Any]:
         "cpu_model": model,
         "python": platform.python_version(),
         "kernel": platform.release(),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages: how busy the neighbours on these CPUs were."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def plugin_version() -> dict[str, Any]:
@@ -833,8 +856,14 @@ def print_report(out: TextIO, report: dict[str, Any], bench: Bench) -> None:
         f"{bench.settings.rounds} rounds x {bench.settings.seconds} s per row, medians",
         file=out,
     )
+    load = report.get("loadavg") or {}
     print(
-        "x = ratio to direct at the same client count; +p50 = added p50 in ms; "
+        f"load average (1/5/15 min) at start {load.get('start')}, at end {load.get('end')}",
+        file=out,
+    )
+    print(
+        "x = ratio to direct at the same client count; +p50 = added p50 in ms; cpu/call and "
+        "up cpu = CPU us per call of the proxy and of the upstream;\n"
         "1 client: wrk and proxy on one CPU, upstream on the other\n",
         file=out,
     )
@@ -909,6 +938,7 @@ def build_report(bench: Bench, stamp: str, body: str, extra: dict[str, Any]) -> 
             "quick": bench.settings.quick,
             "pinned": bench.cpus.client is not None,
             "nginx_workers": 1,
+            "plugin_env": dict(bench.settings.plugin_env),
         },
         "body_bytes": len(harness.render_body(harness.split_template(body), 0, 1, 1).encode()),
         "body_source": extra.get("body_source"),
@@ -916,6 +946,7 @@ def build_report(bench: Bench, stamp: str, body: str, extra: dict[str, Any]) -> 
         "ratios": ratios,
         "rss": extra.get("rss"),
         "startup": extra.get("startup"),
+        "loadavg": {"start": extra.get("loadavg_start"), "end": load_average()},
         "errors": bench.errors,
         "notes": bench.notes,
     }
@@ -988,7 +1019,11 @@ def run(settings: Settings) -> int:
             bench.notes.append("fewer than 2 CPUs: nothing was pinned")
         elif bench.wrk.taskset is None:
             bench.notes.append("taskset is missing: wrk was not pinned")
-        extra: dict[str, Any] = {"tools": tools, "body_source": body_source}
+        extra: dict[str, Any] = {
+            "tools": tools,
+            "body_source": body_source,
+            "loadavg_start": load_average(),
+        }
         try:
             bench.start_upstream()
             if "plugin" in settings.paths:
