@@ -691,17 +691,24 @@ class Bench:
             cpu = self.pin_for(clients)
             if s.warmup_seconds:
                 for target in list(self.endpoints):
-                    self.wrk.run(target.port, threads, clients, s.warmup_seconds, cpu=cpu)
+                    try:
+                        self.wrk.run(target.port, threads, clients, s.warmup_seconds, cpu=cpu)
+                    except BenchError as exc:
+                        self.fail(target, f"{clients} client(s), warm-up", [str(exc)])
             for round_no in range(s.rounds):
                 order = list(self.endpoints)
                 shift = round_no % len(order)
                 for target in order[shift:] + order[:shift]:
                     if target not in self.endpoints:
                         continue
-                    run = self.measure(target, threads, clients, s.seconds, cpu)
+                    try:
+                        run = self.measure(target, threads, clients, s.seconds, cpu)
+                    except BenchError as exc:  # wrk could not run: the proxy died or hung
+                        self.fail(target, f"{clients} client(s), round {round_no + 1}", [str(exc)])
+                        continue
                     problems = run.problems()
                     if problems:
-                        self.fail(target, f"{clients} clients, round {round_no + 1}", problems)
+                        self.fail(target, f"{clients} client(s), round {round_no + 1}", problems)
                         continue
                     self.rows.setdefault(target.name, {}).setdefault(clients, []).append(run)
                 summary = ", ".join(
@@ -725,9 +732,13 @@ class Bench:
             per_thread = max(1, s.rss_calls // chunks // s.high_threads)
             for chunk in range(chunks):
                 started = time.perf_counter()
-                run = self.wrk.run(
-                    port, s.high_threads, s.high_clients, 900, per_thread_limit=per_thread
-                )
+                try:
+                    run = self.wrk.run(
+                        port, s.high_threads, s.high_clients, 900, per_thread_limit=per_thread
+                    )
+                except BenchError as exc:
+                    self.fail(Endpoint("plugin", port, proc), "RSS calls", [str(exc)])
+                    break
                 elapsed = time.perf_counter() - started
                 problems = run.problems()
                 if problems:
