@@ -300,7 +300,7 @@ class Plugin:
         return [json.loads(line) for line in self.log_stream.getvalue().splitlines()]
 
     def execute_logged(self, body: bytes) -> tuple[int, bytes]:
-        """Execute, then return once the call's log line is written.
+        """Execute, then return once the call is logged and counted in the metrics.
 
         The log line follows the reply; a second request on the same keep-alive connection is
         read only after the handler has finished with the first, log line included.
@@ -489,7 +489,7 @@ def test_health_ready_and_metrics(start: Callable[..., Plugin]) -> None:
     assert plugin.request("GET", "/healthz")[0] == 200
     status, _, body = plugin.request("GET", "/readyz")
     assert (status, body) == (200, b"ready\n")
-    plugin.execute(agent_call())
+    plugin.execute_logged(agent_call())  # counted after the reply: settle first
     status, headers, body = plugin.request("GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = body.decode()
