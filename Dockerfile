@@ -10,7 +10,9 @@
 FROM gcr.io/distroless/python3-debian13:latest@sha256:b340f07acd3692d739cbc28450b8876b4770ee01967aa9e4193c3bcec7bd235e
 
 # The root filesystem is read-only in the pod: no .pyc files, and unbuffered JSON logs.
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# MALLOC_ARENA_MAX: glibc gives each thread its own malloc arena; capped, RSS stays flat
+# (make bench: 32.3 MiB after 100k calls and still growing, 29.4 MiB and flat with 2).
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 MALLOC_ARENA_MAX=2
 
 # Owned by root and not writable by the process.
 COPY driver_plugin.py /app/

@@ -76,6 +76,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -749,8 +750,9 @@ class Upstream:
 
     #: Idle connections kept; more are closed after use.
     max_idle = 32
-    #: Seconds allowed to open a connection (bounded again by the caller's deadline).
-    connect_timeout = 5.0
+    #: Seconds one connect, send or read may block. The reply deadline itself is kept by
+    #: polling for the answer, so the socket timeout is set once, not per call (an ioctl each).
+    io_timeout = 5.0
 
     def __init__(self, settings: Settings) -> None:
         url = urllib.parse.urlsplit(settings.upstream)
@@ -780,8 +782,10 @@ class Upstream:
                 return connection, True
             connection.close()
         if self.context is not None:
-            return http.client.HTTPSConnection(self.host, self.port, context=self.context), False
-        return http.client.HTTPConnection(self.host, self.port), False
+            return http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.io_timeout, context=self.context
+            ), False
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.io_timeout), False
 
     def release(self, connection: http.client.HTTPConnection) -> None:
         if len(self._idle) < self.max_idle:
@@ -804,11 +808,6 @@ class Upstream:
         for _ in range(2):
             connection, reused = self._connection()
             try:
-                remaining = max(deadline - time.monotonic(), 0.001)
-                if connection.sock is None:
-                    connection.timeout = min(self.connect_timeout, remaining)
-                else:
-                    connection.sock.settimeout(remaining)
                 connection.request("POST", self.path, body, headers)
                 return connection, _wait_readable(connection.sock, deadline - time.monotonic())
             except (ConnectionResetError, BrokenPipeError) as error:
@@ -822,13 +821,19 @@ class Upstream:
         raise UpstreamUnavailable(f"driver server at {self.netloc} keeps closing connections")
 
     def receive(
-        self, connection: http.client.HTTPConnection, timeout: float, limit: int
+        self, connection: http.client.HTTPConnection, limit: int, timeout: float | None = None
     ) -> UpstreamResponse:
-        """Read the answer on a connection from :meth:`send`; release or close it afterwards."""
+        """Read the answer on a connection from :meth:`send`; release or close it afterwards.
+
+        ``timeout`` replaces ``io_timeout`` for this answer only (a slow call's, in the background).
+        """
         try:
-            connection.sock.settimeout(max(timeout, 0.001))
+            if timeout is not None:
+                connection.sock.settimeout(max(timeout, 0.001))
             response = connection.getresponse()
             body = response.read(limit + 1)
+            if timeout is not None:
+                connection.sock.settimeout(self.io_timeout)
         except (OSError, http.client.IncompleteRead) as error:
             connection.close()
             raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
@@ -1015,8 +1020,11 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     #: Without it a keep-alive reply can wait ~40 ms for a delayed ACK (python/cpython#108736).
     disable_nagle_algorithm = True
-    #: Seconds a connection may sit idle or stall mid-request before it is dropped.
-    timeout = 60.0
+    #: Seconds a connection may sit idle, or one read or write may stall, before it is dropped.
+    #: Enforced by the kernel (SO_RCVTIMEO, SO_SNDTIMEO): a Python socket timeout would add a
+    #: poll() before every recv and send of every call.
+    idle_timeout = 60.0
+    timeout = None
     #: Header lines per request and bytes per line accepted (http.client's own limits).
     max_headers = 100
     max_header_line = 65536
@@ -1030,16 +1038,23 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         "/metrics": {"GET": "_metrics"},
     }
 
+    def setup(self) -> None:
+        super().setup()
+        seconds, fraction = divmod(self.idle_timeout, 1)
+        timeval = struct.pack("ll", int(seconds), int(fraction * 1_000_000))
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            self.connection.setsockopt(socket.SOL_SOCKET, option, timeval)
+
     def handle_one_request(self) -> None:
         try:
             self.raw_requestline = self.rfile.readline(65537)
             self.began = time.monotonic()
-            if not self.raw_requestline:
-                self.close_connection = True
-                return
             if len(self.raw_requestline) > 65536:
                 self.requestline = self.request_version = self.command = ""
                 self._send(Reply.text(414, "request line too long", "bad_request", close=True))
+                return
+            if not self.raw_requestline.endswith(b"\n"):  # end of file, or idle_timeout
+                self.close_connection = True
                 return
             if self.parse_request():
                 self._dispatch()
@@ -1072,8 +1087,10 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             if len(line) > self.max_header_line:
                 self.send_error(431, "header line too long")
                 return False
-            if line in (b"\r\n", b"\n", b""):
+            if line in (b"\r\n", b"\n"):
                 break
+            if not line.endswith(b"\n"):  # end of file or idle_timeout mid-headers
+                return False
             name, colon, value = line.decode("iso-8859-1").partition(":")
             if not colon or not name or name != name.strip():  # no name, or obsolete folding
                 self.send_error(400, "malformed header line")
@@ -1364,9 +1381,7 @@ class PluginServer(ThreadingHTTPServer):
                 if not answering:
                     self._detach(call, connection, template, began, request_id)
                     return None
-                # The answer has started; allow at least a second for the rest of it.
-                timeout = max(deadline - time.monotonic(), 1.0)
-                response = self.upstream.receive(connection, timeout, self.settings.max_body)
+                response = self.upstream.receive(connection, self.settings.max_body)
                 self.metrics.observe_upstream(time.monotonic() - began)
                 fields["upstream_status"] = response.status
                 reply = judge(response, template, self.settings)
@@ -1392,7 +1407,7 @@ class PluginServer(ThreadingHTTPServer):
         def finish() -> None:
             timeout = began + self.settings.upstream_timeout - time.monotonic()
             try:
-                response = self.upstream.receive(connection, timeout, self.settings.max_body)
+                response = self.upstream.receive(connection, self.settings.max_body, timeout)
                 self.metrics.observe_upstream(time.monotonic() - began)
                 reply = judge(response, template, self.settings)
                 self.calls.recovered(call.key)

@@ -1321,6 +1321,26 @@ def test_a_client_that_leaves_mid_body_costs_nothing(
     assert len(driver.seen) == 1
 
 
+def test_an_idle_or_stalled_connection_is_dropped(token_file: Path) -> None:
+    class QuickHandler(dp.AgentRequestHandler):
+        idle_timeout = 0.2
+
+    settings = dp.Settings(
+        host="127.0.0.1", port=0, token_file=str(token_file), upstream="http://x"
+    )
+    server = dp.PluginServer(settings, dp.JsonLog("error", io.StringIO()), handler=QuickHandler)
+    thread = threading.Thread(target=dp.serve, args=(server, False), daemon=True)
+    thread.start()
+    try:
+        for sent in (b"", b"GET /heal", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"):
+            with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+                sock.sendall(sent)
+                assert sock.recv(1) == b""  # closed by the plugin, long before our 10 s
+    finally:
+        server.begin_drain()
+        thread.join(10)
+
+
 class CountingWriter(io.BytesIO):
     writes = 0
 
