@@ -33,12 +33,8 @@ def run(p50_us: float, rps: float = 1000.0, p99_us: float | None = None, **kw: i
 # -- the body ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("source", ["preferred", "fallback"])
-def test_body_template_is_an_8kb_kfp_container_driver_call(source: str) -> None:
-    if source == "preferred":
-        template, _ = harness.body_template()
-    else:
-        template = harness.kfp_driver_body()
+def test_body_template_is_an_8kb_kfp_container_driver_call() -> None:
+    template, _ = harness.body_template()
     parts = harness.split_template(template)
     body = harness.render_body(parts, 0x1234ABCD, 2, 77)
     assert 7_000 <= len(body.encode()) <= 10_000

@@ -89,11 +89,6 @@ def _compact(value: object) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _sorted(value: dict[str, Any]) -> dict[str, Any]:
-    """Go marshals a map with its keys sorted."""
-    return dict(sorted(value.items()))
-
-
 def kfp_specs() -> dict[str, str]:
     """The JSON texts KFP's compiler puts into a driver call for a lightweight Python component
     (its source and pip preamble in the container command): ``component``, ``task``,
@@ -178,102 +173,13 @@ def kfp_specs() -> dict[str, str]:
     }
 
 
-def kfp_driver_body(uid: str = PLACEHOLDER) -> str:
-    """The compact JSON the Argo agent sends for a KFP ``system-container-driver`` node, built
-    here (used when ``mock_driver_server.agent_body`` is not available).
-
-    The shape is Argo's ``ExecuteTemplateArgs`` (``workflow.metadata`` with exactly name,
-    namespace and uid; the whole resolved template, with ``inputs``, ``outputs`` and ``metadata``
-    always present) around KFP's driver arguments, from ``kfp_specs()``.
-    """
-    specs = kfp_specs()
-    component, task = specs["component"], specs["task"]
-    container, kubernetes_config = specs["container"], specs["kubernetes_config"]
-    args = _sorted(
-        {
-            "type": "CONTAINER",
-            "pipeline_name": "namespace/team-a/pipeline/train-and-evaluate",
-            "run_id": uid,
-            "run_name": "train-and-evaluate-8m2qz",
-            "run_display_name": "nightly train and evaluate",
-            "pipeline_job_create_time_utc": "2026-08-21T09:14:03Z",
-            "dag_execution_id": "118",
-            "component": component,
-            "task": task,
-            "task_name": "train",
-            "container": container,
-            "iteration_index": "-1",
-            "kubernetes_config": kubernetes_config,
-            "cached_decision_path": "{{outputs.parameters.cached-decision.path}}",
-            "pod_spec_patch_path": "{{outputs.parameters.pod-spec-patch.path}}",
-            "condition_path": "{{outputs.parameters.condition.path}}",
-            "http_proxy": "",
-            "https_proxy": "",
-            "no_proxy": "",
-            "ml_pipeline_server_address": "ml-pipeline.kubeflow.svc.cluster.local",
-            "ml_pipeline_server_port": "8887",
-            "mlmd_server_address": "metadata-grpc-service.kubeflow.svc.cluster.local",
-            "mlmd_server_port": "8080",
-            "cache_disabled": False,
-            "ml_pipeline_tls_enabled": False,
-            "metadata_tls_enabled": False,
-        }
-    )
-    body = {
-        "workflow": {
-            "metadata": {
-                "name": "train-and-evaluate-8m2qz",
-                "namespace": "team-a",
-                "uid": uid,
-            }
-        },
-        "template": {
-            "name": "system-container-driver",
-            "inputs": {
-                "parameters": [
-                    {"name": "component", "value": component},
-                    {"name": "task", "value": task},
-                    {"name": "container", "value": container},
-                    {"name": "task-name", "value": "train"},
-                    {"name": "parent-dag-id", "value": "118"},
-                    {"name": "iteration-index", "default": "-1", "value": "-1"},
-                    {"name": "kubernetes-config", "default": "", "value": kubernetes_config},
-                ]
-            },
-            "outputs": {
-                "parameters": [
-                    {
-                        "name": "pod-spec-patch",
-                        "valueFrom": {"default": "", "jsonPath": "$.pod-spec-patch"},
-                    },
-                    {
-                        "name": "cached-decision",
-                        "default": "false",
-                        "valueFrom": {"default": "false", "jsonPath": "$.cached-decision"},
-                    },
-                    {
-                        "name": "condition",
-                        "valueFrom": {"default": "true", "jsonPath": "$.condition"},
-                    },
-                ]
-            },
-            "metadata": {},
-            "plugin": {"driver-plugin": {"args": args}},
-        },
-    }
-    return _compact(body)
-
-
 def body_template() -> tuple[str, str]:
-    """The body template (with ``PLACEHOLDER`` for the workflow uid and run_id) and its source.
-
-    Prefers ``mock_driver_server.agent_body`` (the project's model of the agent's exact bytes)
-    with the specs of ``kfp_specs()``; falls back to ``kfp_driver_body``.
+    """The body template (with ``PLACEHOLDER`` for the workflow uid and run_id) and its source:
+    ``mock_driver_server.agent_body`` (the project's model of the agent's exact bytes) with the
+    specs of ``kfp_specs()``.
     """
-    try:
-        from mock_driver_server import agent_body  # noqa: PLC0415
-    except ImportError:
-        return kfp_driver_body(PLACEHOLDER), "bench.harness.kfp_driver_body"
+    from mock_driver_server import agent_body  # noqa: PLC0415 (the repo root is on sys.path)
+
     specs = kfp_specs()
     body = agent_body(
         "CONTAINER",
