@@ -180,6 +180,13 @@ def _positive_duration(text: str) -> float:
     return seconds
 
 
+def _duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds < 0:
+        raise ValueError(f"must not be negative: {text!r}")
+    return seconds
+
+
 def _port(text: str) -> int:
     port = int(text) if text.strip().isdigit() else -1
     if not 0 <= port <= 65535:
@@ -212,9 +219,9 @@ class Settings:
     reply_deadline: float = field(default=20.0, metadata={"parse": _positive_duration})
     requeue: float = field(default=2.0, metadata={"parse": _positive_duration})
     upstream_timeout: float = field(default=600.0, metadata={"parse": _positive_duration})
-    max_outage: float = field(default=600.0, metadata={"parse": parse_duration})
+    max_outage: float = field(default=600.0, metadata={"parse": _duration})
     max_body: int = field(default=8 << 20, metadata={"parse": parse_size})
-    result_ttl: float = field(default=600.0, metadata={"parse": parse_duration})
+    result_ttl: float = field(default=600.0, metadata={"parse": _duration})
     log_level: str = field(default="info", metadata={"parse": _log_level})
 
     ENV_PREFIX: ClassVar[str] = "DRIVER_PLUGIN_"
@@ -268,10 +275,13 @@ class Settings:
         parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
         for setting in fields(cls):
             env_name = cls.ENV_PREFIX + setting.name.upper()
+            default = setting.default
+            if setting.metadata.get("parse") in (_positive_duration, _duration):
+                default = format_duration(float(default))  # type: ignore[arg-type]
             parser.add_argument(
                 "--" + setting.name.replace("_", "-"),
                 metavar="VALUE",
-                help=f"default {setting.default!r}; environment {env_name}",
+                help=f"default {default}; environment {env_name}",
             )
         return parser
 
