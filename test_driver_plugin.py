@@ -430,7 +430,7 @@ def test_environment_is_read_and_flags_win() -> None:
         (["--reply-deadline", "30s"], {}, "30s client timeout"),
         (["--reply-deadline", "20"], {}, "--reply-deadline: not a duration"),
         (["--requeue", "0s"], {}, "must be positive"),
-        (["--max-outage", "-1s"], {}, "must not be negative"),
+        (["--max-outage=-1s"], {}, "must not be negative"),
         ([], {"DRIVER_PLUGIN_PORT": "http"}, "DRIVER_PLUGIN_PORT: not a TCP port"),
         (["--port", "70000"], {}, "not a TCP port"),
         (["--max-body", "8 potatoes"], {}, "not a size"),
