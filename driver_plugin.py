@@ -842,6 +842,8 @@ class Upstream:
                 connection.sock.settimeout(max(timeout, 0.001))
             response = connection.getresponse()
             body = response.read(limit + 1)
+            if len(body) <= limit and response.length:  # a sized read does not raise this itself
+                raise http.client.IncompleteRead(body, response.length)
             if timeout is not None:
                 connection.sock.settimeout(self.io_timeout)
         except (OSError, http.client.IncompleteRead) as error:
@@ -885,6 +887,8 @@ def describe_transport_error(error: BaseException, netloc: str) -> str:
         return f"driver server at {netloc}: TLS failed: {detail}"
     if isinstance(error, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
         return f"driver server at {netloc} closed the connection before answering"
+    if isinstance(error, http.client.IncompleteRead):
+        return f"driver server at {netloc} closed the connection mid-answer"
     if isinstance(error, http.client.HTTPException):
         kind = type(error).__name__
         return f"driver server at {netloc} answered something that is not HTTP ({kind})"
@@ -1087,8 +1091,8 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             self.send_error(400, f"bad request line {self.requestline[:100]!r}")
             return False
         command, path, version = words
-        if version not in ("HTTP/1.0", "HTTP/1.1"):
-            self.send_error(505 if version.startswith("HTTP/") else 400, "use HTTP/1.1")
+        if version not in ("HTTP/1.0", "HTTP/1.1"):  # 400, not 505: no 5xx but the defined 503s
+            self.send_error(400, "use HTTP/1.1")
             return False
         self.command, self.path, self.request_version = command, path, version
         headers = self.header_values
@@ -1205,14 +1209,13 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         values = self.header_values.get("content-length", [])
         if not values:
             return Reply.text(411, "Content-Length is required", "no_length", close=True)
-        raw = values[0].strip()
+        raw, limit = values[0].strip(), self.server.settings.max_body
         if len(values) > 1 or not (raw.isascii() and raw.isdigit()):
             return Reply.text(400, "one numeric Content-Length, please", "bad_request", True)
-        length = int(raw)
-        if length > self.server.settings.max_body:
-            limit = self.server.settings.max_body
+        # Length before int(): Python refuses to convert more than 4300 digits.
+        if len(raw.lstrip("0")) > len(str(limit)) or int(raw) > limit:
             return Reply.text(413, f"body over --max-body ({limit} bytes)", "too_large", True)
-        return length
+        return int(raw)
 
     # Routes ##################################################################
 
@@ -1230,8 +1233,8 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         if not bearer_matches(self._header("authorization"), token):
             return Reply.text(403, "forbidden", "unauthorized", close=True)
         body = self.rfile.read(length)
-        if len(body) != length:
-            raise ConnectionAbortedError("client closed the connection mid-body")
+        if body is None or len(body) != length:  # None: idle_timeout (kernel) mid-body
+            raise ConnectionAbortedError("client left or stalled mid-body")
         try:
             document = json.loads(body)
         except (ValueError, RecursionError) as error:

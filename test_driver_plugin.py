@@ -190,6 +190,7 @@ class FakeDriver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go apart: no 40 ms ACK waits
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -217,7 +218,10 @@ class FakeDriver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # the plugin may open 16 connections at once
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
@@ -228,13 +232,6 @@ class FakeDriver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def driver() -> Iterator[FakeDriver]:
-    fake = FakeDriver()
-    yield fake
-    fake.stop()
 
 
 ###############################################################################
@@ -323,45 +320,6 @@ class Plugin:
     def stop(self) -> None:
         self.server.begin_drain()
         self.thread.join(10)
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text(TOKEN)  # Argo writes no newline
-    return path
-
-
-@pytest.fixture
-def sa_token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "sa-token"
-    path.write_text(SA_TOKEN + "\n")
-    return path
-
-
-@pytest.fixture
-def start(
-    driver: FakeDriver, token_file: Path, sa_token_file: Path
-) -> Iterator[Callable[..., Plugin]]:
-    plugins: list[Plugin] = []
-
-    def start(**overrides: Any) -> Plugin:
-        values: dict[str, Any] = {
-            "host": "127.0.0.1",
-            "port": 0,
-            "upstream": driver.url,
-            "token_file": str(token_file),
-            "sa_token_file": str(sa_token_file),
-            "reply_deadline": 5.0,
-        }
-        values.update(overrides)
-        plugin = Plugin(dp.Settings(**values))
-        plugins.append(plugin)
-        return plugin
-
-    yield start
-    for plugin in plugins:
-        plugin.stop()
 
 
 def agent_call(
