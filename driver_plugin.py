@@ -1295,6 +1295,10 @@ class PluginServer(ThreadingHTTPServer):
     first_retry_pause = 0.1
     #: Seconds SIGTERM waits for calls in flight (the pod's grace period is 30 s).
     drain_grace = 25.0
+    #: Connections served at once (a thread each); more are closed on arrival. The agent opens
+    #: at most 16, plus the kubelet's probes: this only stops a peer without a token from
+    #: tying up threads by the hundred (each may idle for ``idle_timeout``).
+    max_connections = 256
 
     def __init__(
         self,
@@ -1317,10 +1321,29 @@ class PluginServer(ThreadingHTTPServer):
         self.draining = False
         self._active = 0
         self._idle = threading.Condition()
+        self._connections = 0
+        self._count_lock = threading.Lock()
         self._ids = iter(range(1, sys.maxsize))
         self._id_prefix = secrets.token_hex(4)
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         super().__init__((settings.host, settings.port), handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._count_lock:
+            accepted = self._connections < self.max_connections
+            if accepted:
+                self._connections += 1
+        if accepted:
+            super().process_request(request, client_address)
+        else:
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self._connections -= 1
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, a DNS round trip at start-up; skip it.

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1298,6 +1299,28 @@ def test_an_idle_or_stalled_connection_is_dropped(token_file: Path) -> None:
     finally:
         server.begin_drain()
         thread.join(10)
+
+
+def test_connections_past_max_connections_are_closed_on_arrival(
+    start: Callable[..., Plugin],
+) -> None:
+    plugin = start()
+    plugin.server.max_connections = 2
+    held = [socket.create_connection(("127.0.0.1", plugin.port), timeout=10) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", plugin.port), timeout=10) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                assert extra.recv(100) == b""  # closed unanswered
+        held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held[0].recv(100).startswith(b"HTTP/1.1 200 OK")  # the held ones are served
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while plugin.server._connections and time.monotonic() < deadline:
+        time.sleep(0.01)  # their threads see the close and end
+    assert plugin.request("GET", "/healthz")[0] == 200
 
 
 class CountingWriter(io.BytesIO):
