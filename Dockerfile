@@ -14,8 +14,12 @@ FROM gcr.io/distroless/python3-debian13:latest@sha256:b340f07acd3692d739cbc28450
 # (make bench: 32.3 MiB after 100k calls and still growing, 29.4 MiB and flat with 2).
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 MALLOC_ARENA_MAX=2
 
-# Owned by root and not writable by the process.
+# Owned by root and not writable by the process. Compiled once here, in exec form (there is no
+# shell): a script is recompiled at every start (~17 ms of the ~100 ms to /healthz), a module
+# run with -m loads the bytecode cached next to it.
 COPY driver_plugin.py /app/
+RUN ["/usr/bin/python3.13", "-m", "py_compile", "/app/driver_plugin.py"]
+WORKDIR /app
 
 # Numeric, so runAsNonRoot can verify it without a passwd entry. 8737 is the uid Argo runs the
 # agent pod as and the owner of the agent token (/var/run/argo/token, 8737:0, mode 0440):
@@ -25,4 +29,4 @@ USER 8737
 
 EXPOSE 7581
 
-ENTRYPOINT ["/usr/bin/python3.13", "/app/driver_plugin.py"]
+ENTRYPOINT ["/usr/bin/python3.13", "-m", "driver_plugin"]

@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import platform
+import py_compile
 import random
 import secrets
 import shutil
@@ -550,10 +551,15 @@ class Bench:
 
     # -- processes ------------------------------------------------------------------------
 
+    def plugin_env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(REPO), **dict(self.settings.plugin_env)}
+
     def plugin_cmd(self, port: int) -> list[str]:
+        # As the image starts it: ``-m`` with the bytecode compiled beforehand (see prepare()).
         return [
             sys.executable,
-            str(PLUGIN),
+            "-m",
+            "driver_plugin",
             "--host",
             LOOPBACK,
             "--port",
@@ -578,7 +584,7 @@ class Bench:
 
     def start_plugin(self, name: str = "plugin") -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
-        proc = self.procs.start(name, self.plugin_cmd(port), dict(self.settings.plugin_env))
+        proc = self.procs.start(name, self.plugin_cmd(port), self.plugin_env())
         try:
             wait_ready(self.procs, proc, port, "/healthz")
         except BenchError as exc:
@@ -775,9 +781,7 @@ class Bench:
         for _ in range(self.settings.startups):
             port = free_port()
             started = time.perf_counter()
-            proc = self.procs.start(
-                "plugin-startup", self.plugin_cmd(port), dict(self.settings.plugin_env)
-            )
+            proc = self.procs.start("plugin-startup", self.plugin_cmd(port), self.plugin_env())
             try:
                 wait_ready(self.procs, proc, port, "/healthz", pause_s=0.001)
                 times.append((time.perf_counter() - started) * 1e3)
@@ -1000,6 +1004,8 @@ def run(settings: Settings) -> int:
             f"{PLUGIN.name} does not exist; run with --paths direct,naive,nginx to bench without it"
         )
         return 2
+    if "plugin" in settings.paths:
+        py_compile.compile(str(PLUGIN), doraise=True)  # as the image does at build time
     stamp = time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime())
     tools = {
         "wrk": tool_version([wrk_bin, "-v"]),
