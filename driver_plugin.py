@@ -1013,6 +1013,11 @@ class CallTable:
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
+def _name(value: Any) -> str | None:
+    """A Kubernetes name for the log: a string of at most 253 characters, or nothing."""
+    return value[:253] if isinstance(value, str) else None
+
+
 def bearer_matches(header: str | None, token: bytes) -> bool:
     """Constant-time check of ``Authorization: Bearer <token>`` (the scheme is case-insensitive)."""
     if header is None:
@@ -1073,7 +1078,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             if self.parse_request():
                 self._dispatch()
         except OSError:
-            # The client went away or stalled past ``timeout``: nothing left to answer.
+            # The client went away, or stalled past ``idle_timeout``: nothing left to answer.
             self.close_connection = True
 
     def parse_request(self) -> bool:
@@ -1246,9 +1251,9 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             return Reply.text(400, message, "bad_request")
         metadata = workflow.get("metadata")
         if isinstance(metadata, dict):
-            self.fields["namespace"] = metadata.get("namespace")
-            self.fields["workflow"] = metadata.get("name")
-        self.fields["template"] = template.get("name")
+            self.fields["namespace"] = _name(metadata.get("namespace"))
+            self.fields["workflow"] = _name(metadata.get("name"))
+        self.fields["template"] = _name(template.get("name"))
         plugin = template.get("plugin")
         if not isinstance(plugin, dict) or server.settings.plugin_name not in plugin:
             return NOT_MINE
