@@ -43,26 +43,24 @@ class Reply:
         return [p["name"] for p in self.json()["node"]["outputs"]["parameters"]]
 
 
-@pytest.fixture
-def server() -> Iterator[mds.MockDriverServer]:
-    srv = mds.make_server(log=False)
+def _serving(shape: str) -> Iterator[mds.MockDriverServer]:
+    srv = mds.make_server(shape=shape, log=False)
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
     srv.server_close()
     thread.join(timeout=10)
+
+
+@pytest.fixture
+def server() -> Iterator[mds.MockDriverServer]:
+    yield from _serving("node")
 
 
 @pytest.fixture
 def flat_server() -> Iterator[mds.MockDriverServer]:
-    srv = mds.make_server(shape="flat", log=False)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    yield from _serving("flat")
 
 
 def request(
