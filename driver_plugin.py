@@ -4,7 +4,7 @@
 One file, standard library only. It runs as a sidecar in Argo's per-workflow agent pod, answers
 the agent's ``POST /api/v1/template.execute`` calls for ``plugin: {driver-plugin: ...}`` templates
 by forwarding them to the central kfp-driver-server (Kubeflow Pipelines' "standalone driver"
-proposal), and gives only answers the real Argo agent (v3.4 to v4.1) handles correctly:
+proposal), and gives only answers the real Argo agent (v4.1) handles correctly:
 
 * ``200`` and a node with a phase for every driver outcome: Succeeded, Failed (the driver said no,
   or answered something unusable), Running with ``requeue`` (the driver call is still running),
@@ -233,6 +233,8 @@ class Settings:
             )
         if self.max_body < 1:
             raise ConfigError("--max-body must be at least 1 byte")
+        if self.requeue > MAX_REQUEUE:
+            raise ConfigError("--requeue must be at most 1h")
         url = urllib.parse.urlsplit(self.upstream)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError(
@@ -394,7 +396,8 @@ class Metrics:
 
 
 class SecretFile:
-    """A token file, read on first use and again whenever it changes on disk (rotation).
+    """A token file, read on first use and again when it has changed on disk (rotation), looked
+    at no more than once per ``recheck_interval``.
 
     The value never appears in a message: errors describe the path and the process, nothing else.
     """
@@ -402,38 +405,43 @@ class SecretFile:
     #: Seconds between looks at the file: a stat per call costs more than the rest of the check,
     #: and kubelet rotates a projected token long before the old one stops being valid.
     recheck_interval = 1.0
+    #: What a token may hold: it goes into an HTTP header, so no spaces or control characters.
+    TOKEN = re.compile(rb"[!-~]+")
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._signature: tuple[int, int, int] | None = None
-        # (value, problem), replaced as a whole so that no thread sees half an update.
-        self._state = (b"", f"{path}: not read yet")
+        # (signature, value, problem), replaced as a whole: no thread sees half an update.
+        self._state: tuple[tuple[int, int, int] | None, bytes, str] = (None, b"", "not read yet")
         self._next_look = 0.0
 
     def read(self) -> bytes:
         now = time.monotonic()
         if now >= self._next_look:
-            self._state = self._look()
+            self._state = self._look(self._state)
             self._next_look = now + self.recheck_interval
-        value, problem = self._state
-        if problem or not value:
-            raise SecretUnavailable(problem or f"{self.path}: no value")
+        _, value, problem = self._state
+        if problem:
+            raise SecretUnavailable(f"{self.path}: {problem}")
         return value
 
-    def _look(self) -> tuple[bytes, str]:
+    def _look(
+        self, state: tuple[tuple[int, int, int] | None, bytes, str]
+    ) -> tuple[tuple[int, int, int] | None, bytes, str]:
         try:
             stat = os.stat(self.path)
             signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-            if signature == self._signature:
-                return self._state
+            if signature == state[0]:
+                return state
             with open(self.path, "rb") as handle:
                 value = handle.read(64 << 10).strip()
         except OSError as error:
-            self._signature = None
-            return b"", f"{self.path}: {error.strerror or error}"
-        self._signature = signature
+            return None, b"", str(error.strerror or error)
         # An empty token would accept "Bearer " from anyone: fail closed.
-        return value, "" if value else f"{self.path}: the file is empty"
+        if not value:
+            return signature, b"", "the file is empty"
+        if not self.TOKEN.fullmatch(value):
+            return signature, b"", "the file holds characters a token cannot have"
+        return signature, value, ""
 
     def exists(self) -> bool:
         return os.path.isfile(self.path)
@@ -607,7 +615,7 @@ def normalise_node(
 ) -> Reply:
     """Make a driver server's node safe for the agent: valid phase, string values, Go requeue."""
     phase = node.get("phase")
-    if phase not in TERMINAL_PHASES and phase not in RUNNING_PHASES:
+    if not isinstance(phase, str) or phase not in TERMINAL_PHASES | RUNNING_PHASES:
         return Reply.failed(
             f"driver server answered a node without a valid phase (phase={phase!r})", "bad_reply"
         )
@@ -632,14 +640,15 @@ def normalise_node(
                 return Reply.failed(
                     "driver server answered output parameters without valid names", "bad_reply"
                 )
-            clean_outputs["parameters"] = [
-                {**p, "value": parameter_value(p.get("value"))} for p in parameters
-            ]
+            clean_outputs["parameters"] = [_clean_parameter(p) for p in parameters]
         for key in ("result", "exitCode"):
             if key in outputs:
                 clean_outputs[key] = parameter_value(outputs[key])
-        if isinstance(outputs.get("artifacts"), list):
-            clean_outputs["artifacts"] = outputs["artifacts"]
+        artifacts = outputs.get("artifacts")
+        if isinstance(artifacts, list) and all(
+            isinstance(a, dict) and isinstance(a.get("name"), str) for a in artifacts
+        ):
+            clean_outputs["artifacts"] = artifacts
         if clean_outputs:
             clean["outputs"] = clean_outputs
     if phase == "Succeeded":
@@ -651,6 +660,15 @@ def normalise_node(
 
 
 _PARAMETER_NAME = re.compile(r"[-a-zA-Z0-9_]+")
+
+
+def _clean_parameter(parameter: dict[str, Any]) -> dict[str, Any]:
+    """Name, string value, and the string fields Argo reads; a mistyped one would fail decoding."""
+    clean = {"name": parameter["name"], "value": parameter_value(parameter.get("value"))}
+    for key in ("globalName", "description"):
+        if isinstance(parameter.get(key), str):
+            clean[key] = parameter[key]
+    return clean
 
 
 def _is_parameter_name(name: Any) -> bool:
@@ -675,22 +693,25 @@ def _fill_declared_defaults(node: dict[str, Any], template: dict[str, Any]) -> N
         del node["outputs"]
 
 
-def _requeue_seconds(requeue: Any, default: float) -> float:
-    """A Go duration string or a number of seconds; zero, negative or junk means our default.
+#: The longest requeue sent to the agent: Go's time.Duration ends near 292 years, and an hour
+#: already means "look again later".
+MAX_REQUEUE = 3600.0
 
-    A Running or Pending node without a positive requeue is never polled again, so it would hang.
+
+def _requeue_seconds(requeue: Any, default: float) -> float:
+    """A Go duration string or a number of seconds, at most an hour; zero, negative or junk
+    means our default: a Running or Pending node without a positive requeue is never polled
+    again, so it would hang.
     """
     seconds = 0.0
-    if isinstance(requeue, bool):
-        seconds = 0.0
-    elif isinstance(requeue, int | float):
+    if isinstance(requeue, int | float) and not isinstance(requeue, bool):
         seconds = float(requeue)
     elif isinstance(requeue, str):
-        try:
+        with contextlib.suppress(ValueError):
             seconds = parse_duration(requeue)
-        except ValueError:
-            seconds = 0.0
-    return seconds if seconds > 0 and math.isfinite(seconds) else default
+    if not (seconds > 0 and math.isfinite(seconds)):
+        return default
+    return min(seconds, MAX_REQUEUE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -732,7 +753,7 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
         )
     try:
         answer = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         answer = _MISSING
     if not isinstance(answer, dict):
         return Reply.failed(
@@ -828,6 +849,9 @@ class Upstream:
             except (OSError, http.client.HTTPException) as error:
                 connection.close()
                 raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
+            except Exception:
+                connection.close()
+                raise
         raise UpstreamUnavailable(f"driver server at {self.netloc} keeps closing connections")
 
     def receive(
@@ -1044,9 +1068,9 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
     #: poll() before every recv and send of every call.
     idle_timeout = 60.0
     timeout = None
-    #: Header lines per request and bytes per line accepted (http.client's own limits).
+    #: Header lines and bytes (all lines together) accepted per request; the agent sends ~200 B.
     max_headers = 100
-    max_header_line = 65536
+    max_header_bytes = 65536
     server_version = f"driver-plugin/{__version__}"
 
     server: PluginServer
@@ -1100,11 +1124,12 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             self.send_error(400, "use HTTP/1.1")
             return False
         self.command, self.path, self.request_version = command, path, version
-        headers = self.header_values
+        headers, budget = self.header_values, self.max_header_bytes
         for _ in range(self.max_headers + 1):
-            line = self.rfile.readline(self.max_header_line + 1)
-            if len(line) > self.max_header_line:
-                self.send_error(431, "header line too long")
+            line = self.rfile.readline(budget + 1)
+            budget -= len(line)
+            if budget < 0:
+                self.send_error(431, "headers too large")
                 return False
             if line in (b"\r\n", b"\n"):
                 break
@@ -1145,6 +1170,12 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         methods = self.ROUTES.get(path)
         self.fields: dict[str, Any] = {}
+        if path == EXECUTE_PATH and self.command == "POST":
+            with self.server.active():  # a drain waits for the reply to be written, too
+                reply = self._execute()
+                self._send(reply, self.fields.get("request_id"))
+            self._account(reply)
+            return
         if methods is None:
             reply = Reply.text(404, f"no route {path!r}", "not_found")
         elif self.command not in methods:
@@ -1160,12 +1191,12 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             )
         else:
             reply = getattr(self, methods[self.command])()
-        if path != EXECUTE_PATH or self.command != "POST":
-            if self._has_body():
-                self.close_connection = True  # its body was not read; do not parse it as a request
-            self._send(reply)
-            return
-        self._send(reply, self.fields.get("request_id"))
+        if self._has_body():
+            self.close_connection = True  # its body was not read; do not parse it as a request
+        self._send(reply)
+
+    def _account(self, reply: Reply) -> None:
+        """One log line and the metrics for a template.execute call, after its reply is sent."""
         log = self.server.log
         if log.enabled("info"):
             duration = round((time.monotonic() - self.began) * 1000, 3)
@@ -1258,8 +1289,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         if not isinstance(plugin, dict) or server.settings.plugin_name not in plugin:
             return NOT_MINE
         request_id = self.fields["request_id"] = server.new_request_id()
-        with server.active():
-            return server.drive(body, template, request_id, self.began, self.fields)
+        return server.drive(body, template, request_id, self.began, self.fields)
 
     def _healthz(self) -> Reply:
         return Reply.text(200, "ok", "health")
@@ -1302,7 +1332,8 @@ class PluginServer(ThreadingHTTPServer):
     drain_grace = 25.0
     #: Connections served at once (a thread each); more are closed on arrival. The agent opens
     #: at most 16, plus the kubelet's probes: this only stops a peer without a token from
-    #: tying up threads by the hundred (each may idle for ``idle_timeout``).
+    #: tying up threads by the hundred (each may idle for ``idle_timeout``). The agent connects
+    #: over loopback, which is never turned away, so such a peer cannot lock it out.
     max_connections = 256
 
     def __init__(
@@ -1334,8 +1365,9 @@ class PluginServer(ThreadingHTTPServer):
         super().__init__((settings.host, settings.port), handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        loopback = str(client_address[0]) in ("127.0.0.1", "::1")
         with self._count_lock:
-            accepted = self._connections < self.max_connections
+            accepted = loopback or self._connections < self.max_connections
             if accepted:
                 self._connections += 1
         if accepted:
@@ -1356,8 +1388,9 @@ class PluginServer(ThreadingHTTPServer):
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        error = sys.exc_info()[1]
-        self.log.log("error", "unexpected error serving a connection", error=repr(error))
+        # The type only: an exception's text can quote what it choked on, a header or a token.
+        error = type(sys.exc_info()[1]).__name__
+        self.log.log("error", "unexpected error serving a connection", error=error)
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
@@ -1384,11 +1417,20 @@ class PluginServer(ThreadingHTTPServer):
             self.metrics.add("coalesced")
             fields["shared"] = "joined"
             return self.calls.wait(call, deadline - time.monotonic()) or self.still_running
-        reply = self._ask(call, body, template, request_id, deadline, fields=fields)
+        try:
+            reply = self._ask(call, body, template, request_id, deadline, fields=fields)
+        except Exception as error:  # a bug must not leave the call in flight for ever
+            reply = self._internal_error(error, request_id)
         if reply is None:
             return self.still_running
         self.calls.finish(call, reply, delivered=True)
         return reply
+
+    def _internal_error(self, error: Exception, request_id: str) -> Reply:
+        # The type only: an exception's text can quote what it choked on.
+        kind = type(error).__name__
+        self.log.log("error", "internal error driving a call", error=kind, request_id=request_id)
+        return Reply.failed(f"driver-plugin internal error ({kind}); see its log", "internal")
 
     def _upstream_headers(self, request_id: str) -> dict[str, str]:
         headers = {
@@ -1454,6 +1496,8 @@ class PluginServer(ThreadingHTTPServer):
                 self.calls.recovered(call.key)
             except UpstreamUnavailable as error:
                 reply = self.calls.outage(call.key, str(error), self.settings.requeue)
+            except Exception as error:  # a bug must not leave the call in flight for ever
+                reply = self._internal_error(error, request_id)
             self.log.log(
                 "info",
                 "slow driver call finished",
@@ -1464,7 +1508,11 @@ class PluginServer(ThreadingHTTPServer):
             )
             self.calls.finish(call, reply, delivered=False)
 
-        threading.Thread(target=finish, name=f"driver-call-{request_id}", daemon=True).start()
+        try:
+            threading.Thread(target=finish, name=f"driver-call-{request_id}", daemon=True).start()
+        except RuntimeError:  # no thread to be had: give the call up rather than leak it
+            connection.close()
+            raise
 
     # Lifecycle ###############################################################
 

@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,6 +76,8 @@ def go_parse_duration(text: str) -> float:
             raise ValueError(f"time: invalid duration {text!r}")
         total += float(match.group(1)) * scale[match.group(2)]
         position = match.end()
+    if total > 9_223_372_036:  # time.Duration is int64 nanoseconds
+        raise ValueError(f"time: invalid duration {text!r}")
     return sign * total
 
 
@@ -695,6 +696,18 @@ def test_without_a_service_account_token_nothing_is_sent_and_one_warning_logged(
     assert len(warnings) == 1 and "service-account token" in warnings[0]["msg"]
 
 
+@pytest.mark.parametrize("content", ["two\nlines", "caf\u00e9", "with space"])
+def test_a_service_account_token_that_cannot_be_a_header_is_not_sent(
+    start: Callable[..., Plugin], driver: FakeDriver, sa_token_file: Path, content: str
+) -> None:
+    sa_token_file.write_text(content)
+    plugin = start()
+    status, _ = plugin.execute_logged(agent_call())
+    assert status == 200
+    assert driver.seen[0].headers.get("Authorization") is None
+    assert content not in plugin.log_stream.getvalue()
+
+
 def test_a_base_path_in_the_upstream_url_is_kept(
     start: Callable[..., Plugin], driver: FakeDriver
 ) -> None:
@@ -755,7 +768,7 @@ def test_a_failed_node_is_relayed_with_its_message(
     assert (view.phase, view.message, view.requeue) == ("Failed", message, 0.0)
 
 
-@pytest.mark.parametrize("phase", [None, "", "Done", "succeeded", 3])
+@pytest.mark.parametrize("phase", [None, "", "Done", "succeeded", 3, ["Succeeded"], {"a": 1}])
 def test_a_node_without_a_valid_phase_fails_saying_so(
     start: Callable[..., Plugin], driver: FakeDriver, phase: Any
 ) -> None:
@@ -810,6 +823,38 @@ def test_running_and_pending_always_carry_a_positive_go_requeue(
         driver.script = node_reply({"phase": phase, "message": "busy"}, **extra)
         view = plugin.agent(agent_call({"phase": phase}))
         assert (view.phase, view.requeue) == (phase, expected)
+
+
+@pytest.mark.parametrize("requeue", ["100000000h", 1e12, "2h"])
+def test_a_requeue_is_at_most_an_hour(
+    start: Callable[..., Plugin], driver: FakeDriver, requeue: Any
+) -> None:
+    driver.script = node_reply({"phase": "Running"}, requeue=requeue)
+    assert start().agent(agent_call()).requeue == 3600.0
+
+
+def test_an_answer_the_plugin_chokes_on_still_finishes_the_call(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    answers = iter([Answer(200, deep), Answer()])
+    driver.script = lambda body: next(answers)
+    plugin = start()
+    assert plugin.agent(agent_call()).phase == "Failed"
+    assert plugin.agent(agent_call()).phase == "Succeeded"  # asked again: nothing left in flight
+    assert plugin.server.calls.sizes()[0] == 0
+
+
+def test_mistyped_parameter_fields_are_dropped(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    parameter = {"name": "a", "value": "1", "globalName": 5, "description": "d", "extra": {}}
+    driver.script = node_reply({"phase": "Succeeded", "outputs": {"parameters": [parameter]}})
+    status, body = start().execute(agent_call())
+    assert argo_agent_reads(status, body).outputs == {"a": "1"}
+    assert json.loads(body)["node"]["outputs"]["parameters"] == [
+        {"name": "a", "value": "1", "description": "d"}
+    ]
 
 
 def test_requeue_is_dropped_from_terminal_phases(
@@ -1301,26 +1346,30 @@ def test_an_idle_or_stalled_connection_is_dropped(token_file: Path) -> None:
         thread.join(10)
 
 
-def test_connections_past_max_connections_are_closed_on_arrival(
+def test_connections_past_max_connections_are_closed_unless_from_loopback(
     start: Callable[..., Plugin],
 ) -> None:
     plugin = start()
     plugin.server.max_connections = 2
-    held = [socket.create_connection(("127.0.0.1", plugin.port), timeout=10) for _ in range(2)]
+
+    def connect_from(source: str) -> socket.socket:
+        return socket.create_connection(
+            ("127.0.0.1", plugin.port), timeout=10, source_address=(source, 0)
+        )
+
+    held = [connect_from("127.0.0.2") for _ in range(2)]  # a peer on the pod network, say
     try:
-        with socket.create_connection(("127.0.0.1", plugin.port), timeout=10) as extra:
+        with connect_from("127.0.0.2") as extra:
             extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             with contextlib.suppress(ConnectionResetError):
                 assert extra.recv(100) == b""  # closed unanswered
+        # The agent's own connections (loopback) are served whatever the count.
+        assert plugin.agent(agent_call()).phase == "Succeeded"
         held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert held[0].recv(100).startswith(b"HTTP/1.1 200 OK")  # the held ones are served
+        assert held[0].recv(100).startswith(b"HTTP/1.1 200 OK")
     finally:
         for sock in held:
             sock.close()
-    deadline = time.monotonic() + 10
-    while plugin.server._connections and time.monotonic() < deadline:
-        time.sleep(0.01)  # their threads see the close and end
-    assert plugin.request("GET", "/healthz")[0] == 200
 
 
 class CountingWriter(io.BytesIO):
@@ -1361,6 +1410,14 @@ def idle_server(token_file: Path) -> Iterator[dp.PluginServer]:
         (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
         (b"GARBAGE\r\n\r\n", b"400"),
         (b"GET /healthz HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+        (
+            b"GET /healthz HTTP/1.1\r\nX-A: "
+            + b"a" * 40000
+            + b"\r\nX-B: "
+            + b"b" * 40000
+            + b"\r\n\r\n",
+            b"431",
+        ),
         (b"BREW /healthz HTTP/1.1\r\n\r\n", b"405"),
         (b"PUT /nowhere HTTP/1.1\r\n\r\n", b"404"),
         (b"POST /api/v1/template.execute HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400"),
