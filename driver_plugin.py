@@ -359,7 +359,7 @@ class Metrics:
         with self._lock:
             calls = sorted(self.calls.items())
             buckets, total = list(self.bucket_counts), self.upstream_sum
-            gauges = (self.in_flight, self.coalesced, self.replayed)
+            in_flight, coalesced, replayed = self.in_flight, self.coalesced, self.replayed
         lines = [
             "# HELP driver_plugin_calls_total template.execute calls answered, by outcome.",
             "# TYPE driver_plugin_calls_total counter",
@@ -368,13 +368,13 @@ class Metrics:
         lines += [
             "# HELP driver_plugin_in_flight_calls template.execute calls being answered now.",
             "# TYPE driver_plugin_in_flight_calls gauge",
-            f"driver_plugin_in_flight_calls {gauges[0]}",
+            f"driver_plugin_in_flight_calls {in_flight}",
             "# HELP driver_plugin_coalesced_calls_total Calls that joined an identical call.",
             "# TYPE driver_plugin_coalesced_calls_total counter",
-            f"driver_plugin_coalesced_calls_total {gauges[1]}",
+            f"driver_plugin_coalesced_calls_total {coalesced}",
             "# HELP driver_plugin_replayed_calls_total Calls answered from a kept driver result.",
             "# TYPE driver_plugin_replayed_calls_total counter",
-            f"driver_plugin_replayed_calls_total {gauges[2]}",
+            f"driver_plugin_replayed_calls_total {replayed}",
             "# HELP driver_plugin_upstream_duration_seconds Driver server exchanges, by duration.",
             "# TYPE driver_plugin_upstream_duration_seconds histogram",
         ]
