@@ -1464,11 +1464,7 @@ class PluginServer(ThreadingHTTPServer):
                 if not answering:
                     self._detach(call, connection, template, began, request_id)
                     return None
-                response = self.upstream.receive(connection, self.settings.max_body)
-                self.metrics.observe_upstream(time.monotonic() - began)
-                fields["upstream_status"] = response.status
-                reply = judge(response, template, self.settings)
-                self.calls.recovered(call.key)
+                reply, fields["upstream_status"] = self._answer(call, connection, template, began)
                 return reply
             except UpstreamUnavailable as error:
                 if time.monotonic() + pause >= retry_until:
@@ -1476,6 +1472,21 @@ class PluginServer(ThreadingHTTPServer):
                     return self.calls.outage(call.key, str(error), self.settings.requeue)
                 time.sleep(pause)
                 pause *= 2
+
+    def _answer(
+        self,
+        call: Call,
+        connection: http.client.HTTPConnection,
+        template: dict[str, Any],
+        began: float,
+        timeout: float | None = None,
+    ) -> tuple[Reply, int]:
+        """Read and judge the driver server's answer (raises UpstreamUnavailable if transient)."""
+        response = self.upstream.receive(connection, self.settings.max_body, timeout)
+        self.metrics.observe_upstream(time.monotonic() - began)
+        reply = judge(response, template, self.settings)
+        self.calls.recovered(call.key)
+        return reply, response.status
 
     def _detach(
         self,
@@ -1490,10 +1501,7 @@ class PluginServer(ThreadingHTTPServer):
         def finish() -> None:
             timeout = began + self.settings.upstream_timeout - time.monotonic()
             try:
-                response = self.upstream.receive(connection, self.settings.max_body, timeout)
-                self.metrics.observe_upstream(time.monotonic() - began)
-                reply = judge(response, template, self.settings)
-                self.calls.recovered(call.key)
+                reply, _ = self._answer(call, connection, template, began, timeout)
             except UpstreamUnavailable as error:
                 reply = self.calls.outage(call.key, str(error), self.settings.requeue)
             except Exception as error:  # a bug must not leave the call in flight for ever
