@@ -1038,41 +1038,26 @@ expect_eq phase "$(node_field wf echo-driver .phase)" Succeeded
 # Linters and the Dockerfile ##############################################################
 
 
-def test_yamllint() -> None:
-    files = [str(path) for path in _yaml_files() if path.name != ".yamllint"]
+def assert_lint_clean(*command: str) -> None:
     result = subprocess.run(
-        [tool("yamllint"), "--strict", "-c", str(ROOT / ".yamllint"), *files],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
+        command, capture_output=True, text=True, check=False, cwd=ROOT, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_yamllint() -> None:
+    files = [str(path) for path in _yaml_files() if path.name != ".yamllint"]
+    assert_lint_clean(tool("yamllint"), "--strict", "-c", str(ROOT / ".yamllint"), *files)
 
 
 def test_hadolint() -> None:
-    result = subprocess.run(
-        [tool("hadolint"), str(ROOT / "Dockerfile")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_lint_clean(tool("hadolint"), str(ROOT / "Dockerfile"))
 
 
 def test_shellcheck() -> None:
     scripts = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "e2e").glob("*.sh"))
     assert "e2e/run.sh" in scripts
-    result = subprocess.run(
-        [tool("shellcheck"), "-x", *scripts],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_lint_clean(tool("shellcheck"), "-x", *scripts)
 
 
 def _dockerfile() -> list[tuple[str, str]]:
