@@ -1099,15 +1099,18 @@ def test_a_lasting_outage_is_pending_then_failed_after_max_outage(
 
 
 def test_recovery_resets_the_outage_clock(start: Callable[..., Plugin], driver: FakeDriver) -> None:
-    answers = iter([Answer(503, b"down")] * 3 + [Answer()] + [Answer(503, b"down")] * 3)
-    driver.script = lambda body: next(answers)
-    plugin = start()
+    down = [True]
+    driver.script = lambda body: Answer(503, b"down") if down[0] else Answer()
+    plugin = start(result_ttl=0.0)  # keep nothing, so every call asks the driver server
     assert plugin.agent(agent_call()).phase == "Pending"
-    plugin.server.calls.result_ttl = 0  # keep nothing, so the next call asks again
+    assert plugin.server.calls.sizes()[2] == 1  # the outage is being timed
+    down[0] = False
     assert plugin.agent(agent_call()).phase == "Succeeded"
-    plugin.server.calls.max_outage = 0.001
-    assert plugin.agent(agent_call()).phase in ("Pending", "Failed")
-    assert plugin.server.calls.sizes()[2] <= 1
+    assert plugin.server.calls.sizes()[2] == 0  # and forgotten once the driver answers
+    down[0] = True
+    plugin.server.calls.max_outage = 0.0
+    view = plugin.agent(agent_call())
+    assert view.phase == "Failed" and "for 0s; giving up" in view.message  # a new clock
 
 
 def closed_port() -> int:
