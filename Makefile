@@ -8,6 +8,14 @@ IMAGE  ?= driver-plugin:0.1.0
 
 .PHONY: demo test lint typecheck pytest configmap check-configmap image e2e bench clean
 
+# Go is for the harnesses that run Argo's own code, never for the product.
+GO           ?= go
+BUILD        := .build
+# The Argo v4 release every harness runs: the one conformance/agent-v4/go.mod requires.
+ARGO_VERSION := $(shell sed -n 's|^\(require\)\{0,1\}[[:space:]]*github.com/argoproj/argo-workflows/v4 \(v[^ ]*\).*|\2|p' conformance/agent-v4/go.mod)
+ARGO_BIN     := $(BUILD)/argo-$(ARGO_VERSION)
+GO_PREFLIGHT  = command -v $(GO) >/dev/null || { echo "make $@: needs Go >= 1.25 on PATH (https://go.dev/dl); the Python tests (make test) do not" >&2; exit 1; }
+
 ## demo: mock kfp-driver-server + plugin on loopback, the calls of a KFP hello-world run
 demo:
 	$(PYTHON) demo.py
@@ -49,5 +57,11 @@ e2e:
 bench: $(VENV)/.installed
 	$(VPY) bench/run.py
 
+## $(ARGO_BIN)/<cmd>: Argo's own argo, argoexec or workflow-controller, built by `go install
+## <module>/cmd/<cmd>@$(ARGO_VERSION)`: its own go.mod (v4 has no replace directives), as released
+$(ARGO_BIN)/%: conformance/agent-v4/go.mod
+	@$(GO_PREFLIGHT)
+	GOBIN=$(abspath $(ARGO_BIN)) $(GO) install github.com/argoproj/argo-workflows/v4/cmd/$*@$(ARGO_VERSION)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results
+	rm -rf $(VENV) $(BUILD) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results
