@@ -23,7 +23,10 @@ Contract (docs/CONTRACT.md, "mock_driver_server.py"):
 * Test knobs inside the args: ``mock_delay`` (Go duration such as ``45s`` or ``500ms``, or a
   number of seconds: sleep before answering), ``mock_fail`` (answer ``500`` text
   ``driver execution failed: <reason>``), ``mock_shape`` (``node``/``flat``, overrides
-  ``--shape``).
+  ``--shape``), ``mock_answers`` (a list of ``{"status": int, "body": ..., "content_type": ..,
+  "repeat": n}``: the n-th execution of a call key gets the n-th answer verbatim, the last one
+  repeats; a string body is sent as is, any other value as compact JSON, ``repeat`` times;
+  content type defaults to ``application/json``): how a test makes the driver lie.
 * Errors: a body that is not an agent call for ``driver-plugin`` is ``400`` text, a POST without
   ``Content-Length`` ``411``, a body over 8 MiB ``413``; unknown path ``404``; wrong method
   ``405``. A call still sleeping on ``mock_delay`` when the server shuts down gets ``503``.
@@ -278,6 +281,16 @@ class Knobs:
     delay: float
     fail: str | None
     shape: Shape | None
+    answers: tuple[CannedAnswer, ...] = ()
+
+
+@dataclass(frozen=True)
+class CannedAnswer:
+    """One verbatim driver answer from ``mock_answers``."""
+
+    status: int
+    body: bytes
+    content_type: str
 
 
 def parse_agent_call(body: bytes) -> AgentCall:
@@ -336,7 +349,34 @@ def parse_knobs(args: Mapping[str, object]) -> Knobs:
         shape = "flat"
     elif raw_shape not in (None, ""):
         raise BadRequest("mock_shape must be node or flat")
-    return Knobs(delay=max(0.0, delay), fail=fail, shape=shape)
+    return Knobs(
+        delay=max(0.0, delay),
+        fail=fail,
+        shape=shape,
+        answers=_canned_answers(args.get("mock_answers")),
+    )
+
+
+def _canned_answers(raw: object) -> tuple[CannedAnswer, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest("mock_answers must be a non-empty list")
+    answers = []
+    for item in raw:
+        status = item.get("status") if isinstance(item, dict) else None
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+            raise BadRequest("each mock_answers item needs a status between 100 and 599")
+        body = item.get("body", "")
+        content_type = item.get("content_type", "application/json")
+        repeat = item.get("repeat", 1)
+        if not isinstance(content_type, str):
+            raise BadRequest("mock_answers content_type must be a string")
+        if not isinstance(repeat, int) or isinstance(repeat, bool) or not 0 <= repeat <= 1 << 16:
+            raise BadRequest("mock_answers repeat must be an integer from 0 to 65536")
+        data = body.encode() if isinstance(body, str) else go_json(body)
+        answers.append(CannedAnswer(status, data * repeat, content_type))
+    return tuple(answers)
 
 
 # Outputs ####
@@ -521,9 +561,11 @@ class MockDriver:
         with self._lock:
             self._bearer["_bearer_present" if bearer else "_bearer_absent"] += 1
 
-    def note_call(self, key: str) -> None:
+    def note_call(self, key: str) -> int:
+        """Count one execution of ``key``; returns how many there have been, this one included."""
         with self._lock:
             self._calls[key] += 1
+            return self._calls[key]
 
     def calls(self) -> dict[str, int]:
         """The ``GET /calls`` document."""
@@ -769,10 +811,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_text(400, f"{exc}\n")
             return
         self._key = call.key
-        driver.note_call(self._key)
+        execution = driver.note_call(self._key)
         shape = knobs.shape or self.server.shape
         if knobs.delay > 0 and self.server.stopping.wait(knobs.delay):
             self._send_text(503, "mock driver server is shutting down")
+            return
+        if knobs.answers:
+            canned = knobs.answers[min(execution, len(knobs.answers)) - 1]
+            self._reply(canned.status, canned.body, canned.content_type)
             return
         if knobs.fail is not None:
             self._send_text(500, f"driver execution failed: {knobs.fail}")

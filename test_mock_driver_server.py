@@ -226,7 +226,17 @@ def test_foreign_template_is_400(server: mds.MockDriverServer) -> None:
 
 @pytest.mark.parametrize(
     "knob",
-    [{"mock_delay": "soon"}, {"mock_delay": "5"}, {"mock_delay": True}, {"mock_shape": "xml"}],
+    [
+        {"mock_delay": "soon"},
+        {"mock_delay": "5"},
+        {"mock_delay": True},
+        {"mock_shape": "xml"},
+        {"mock_answers": []},
+        {"mock_answers": [{"body": "{}"}]},
+        {"mock_answers": [{"status": True}]},
+        {"mock_answers": [{"status": 200, "content_type": 1}]},
+        {"mock_answers": [{"status": 200, "repeat": -1}]},
+    ],
 )
 def test_invalid_knob_is_400(server: mds.MockDriverServer, knob: dict[str, object]) -> None:
     reply = execute(server, mds.agent_body("ROOT_DAG", extra_args=knob))
@@ -561,6 +571,29 @@ def test_mock_fail_is_500_text(server: mds.MockDriverServer, value: object, reas
     assert reply.status == 500
     assert reply.headers["content-type"].startswith("text/plain")
     assert reply.body == f"driver execution failed: {reason}".encode()
+
+
+def test_mock_answers_play_in_order_per_call_key(server: mds.MockDriverServer) -> None:
+    answers = [
+        {"status": 200, "body": {"node": {"phase": "Running"}, "requeue": 5}},
+        {"status": 502, "body": "<html>bad gateway</html>", "content_type": "text/html"},
+    ]
+    body = mds.agent_body("CONTAINER", extra_args={"mock_answers": answers})
+    first, second, third = (execute(server, body) for _ in range(3))
+    assert (first.status, first.body) == (200, b'{"node":{"phase":"Running"},"requeue":5}')
+    assert first.headers["content-type"] == "application/json"
+    assert (second.status, second.body) == (502, b"<html>bad gateway</html>")
+    assert second.headers["content-type"] == "text/html"
+    assert (third.status, third.body) == (second.status, second.body)  # the last one repeats
+    other = execute(
+        server, mds.agent_body("CONTAINER", task_name="other", extra_args={"mock_answers": answers})
+    )
+    assert other.body == first.body  # counted per call key
+    assert execute(server, mds.agent_body("CONTAINER")).status == 200  # without the knob: as usual
+    huge = [{"status": 200, "body": "x" * 1024, "repeat": 1024}]
+    assert execute(server, mds.agent_body("DAG", extra_args={"mock_answers": huge})).body == (
+        b"x" * (1 << 20)
+    )
 
 
 def test_mock_fail_false_is_ignored(server: mds.MockDriverServer) -> None:
