@@ -6,7 +6,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 IMAGE  ?= driver-plugin:0.1.0
 
-.PHONY: demo test lint typecheck pytest configmap check-configmap image e2e bench clean
+.PHONY: demo test lint typecheck pytest configmap check-configmap conformance image e2e bench clean
 
 # Go is for the harnesses that run Argo's own code, never for the product.
 GO           ?= go
@@ -14,6 +14,9 @@ BUILD        := .build
 # The Argo v4 release every harness runs: the one conformance/agent-v4/go.mod requires.
 ARGO_VERSION := $(shell sed -n 's|^\(require\)\{0,1\}[[:space:]]*github.com/argoproj/argo-workflows/v4 \(v[^ ]*\).*|\2|p' conformance/agent-v4/go.mod)
 ARGO_BIN     := $(BUILD)/argo-$(ARGO_VERSION)
+# The Argo v3 release KFP installs: the one conformance/agent-v3/go.mod requires.
+ARGO_V3_VERSION := $(shell sed -n 's|^\(require\)\{0,1\}[[:space:]]*github.com/argoproj/argo-workflows/v3 \(v[^ ]*\).*|\2|p' conformance/agent-v3/go.mod)
+AGENTS       := $(BUILD)/conformance/agent-v4 $(BUILD)/conformance/agent-v3
 GO_PREFLIGHT  = command -v $(GO) >/dev/null || { echo "make $@: needs Go >= 1.25 on PATH (https://go.dev/dl); the Python tests (make test) do not" >&2; exit 1; }
 
 ## demo: mock kfp-driver-server + plugin on loopback, the calls of a KFP hello-world run
@@ -56,6 +59,15 @@ e2e:
 ## bench: latency/throughput/RSS through the plugin against the direct path (installs wrk, nginx)
 bench: $(VENV)/.installed
 	$(VPY) bench/run.py
+
+## conformance: Argo's own agent (v4 and v3 lines, built from the module proxy) drives the real plugin
+conformance: $(AGENTS)
+	$(PYTHON) conformance/suite.py --line argo-$(ARGO_VERSION)=$(BUILD)/conformance/agent-v4 \
+	    --line argo-$(ARGO_V3_VERSION)=$(BUILD)/conformance/agent-v3
+
+$(BUILD)/conformance/agent-%: conformance/agent.go conformance/agent-%/argo.go conformance/agent-%/go.mod conformance/agent-%/go.sum
+	@$(GO_PREFLIGHT)
+	cd conformance/agent-$* && $(GO) build -trimpath -o $(abspath $@) .
 
 ## $(ARGO_BIN)/<cmd>: Argo's own argo, argoexec or workflow-controller, built by `go install
 ## <module>/cmd/<cmd>@$(ARGO_VERSION)`: its own go.mod (v4 has no replace directives), as released
