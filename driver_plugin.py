@@ -490,7 +490,8 @@ class Reply:
 
     @classmethod
     def text(cls, status: int, message: str, outcome: str, close: bool = False) -> Reply:
-        body = (message + "\n").encode()
+        # No trailing newline: the agent puts a non-200 body verbatim into the node's message.
+        body = message.encode()
         return cls(status, body, outcome, content_type="text/plain; charset=utf-8", close=close)
 
 

@@ -26,6 +26,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,9 @@ def argo_agent_reads(status: int, body: bytes) -> AgentView:
     if status != 200:
         if 200 <= status < 300:
             raise AgentMisread(f"{status} is not 200: the agent fails the node")
-        return AgentView("fail", phase="Failed", message=f"{status}: {text}")
+        # Go's resp.Status, then the body verbatim (a trailing newline shows in the UI).
+        phrase = HTTPStatus(status).phrase
+        return AgentView("fail", phase="Failed", message=f"{status} {phrase}: {text}")
     try:
         reply = json.loads(body)
     except ValueError as error:
@@ -150,7 +153,7 @@ def test_agent_model_rejects_what_the_agent_misreads() -> None:
             argo_agent_reads(status, body)
     assert argo_agent_reads(200, b"{}").kind == "not_mine"
     assert argo_agent_reads(503, b"later").kind == "retry"
-    assert argo_agent_reads(403, b"no").message == "403: no"
+    assert argo_agent_reads(403, b"no").message == "403 Forbidden: no"
 
 
 ###############################################################################
@@ -449,7 +452,7 @@ def test_health_ready_and_metrics(start: Callable[..., Plugin]) -> None:
     plugin = start()
     assert plugin.request("GET", "/healthz")[0] == 200
     status, _, body = plugin.request("GET", "/readyz")
-    assert (status, body) == (200, b"ready\n")
+    assert (status, body) == (200, b"ready")
     plugin.execute_logged(agent_call())  # counted after the reply: settle first
     status, headers, body = plugin.request("GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -541,7 +544,7 @@ def test_wrong_or_missing_tokens_get_403(
     plugin = start()
     headers = {} if authorization is None else {"Authorization": authorization}
     status, reply_headers, body = plugin.request("POST", dp.EXECUTE_PATH, agent_call(), headers)
-    assert argo_agent_reads(status, body).message == "403: forbidden\n"
+    assert argo_agent_reads(status, body).message == "403 Forbidden: forbidden"
     assert reply_headers["Connection"] == "close"
     assert driver.seen == []
     assert TOKEN not in plugin.log_stream.getvalue()
@@ -638,7 +641,11 @@ def test_bodies_that_are_not_agent_calls_get_400(
     plugin = start()
     status, reply = plugin.execute(body)
     view = argo_agent_reads(status, reply)
-    assert view.kind == "fail" and view.message.startswith("400: ") and needle in view.message
+    assert (
+        view.kind == "fail"
+        and view.message.startswith("400 Bad Request: ")
+        and needle in view.message
+    )
     assert driver.seen == []
 
 

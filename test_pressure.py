@@ -696,7 +696,7 @@ def test_slow_header_senders_do_not_delay_a_normal_call(
                 view = argo_agent_reads(reply.status, reply.body)
                 assert (view.phase, view.outputs) == ("Succeeded", {"run": f"slow-{number}"})
             else:
-                assert (reply.status, reply.body) == (200, b"ok\n")
+                assert (reply.status, reply.body) == (200, b"ok")
     finally:
         stop.set()
         trickler.join(10)
@@ -802,7 +802,7 @@ def test_pipelined_requests_are_all_answered_in_order(
         None,
     ]
     assert [view.kind for view in views] == ["node", "node", "not_mine", "node", "fail"]
-    assert (replies[2].body, replies[7].body) == (b"ok\n", b"ready\n")
+    assert (replies[2].body, replies[7].body) == (b"ok", b"ready")
     assert driver.bodies() == [slow, fast]  # the second fast call was a replay
 
 
@@ -921,7 +921,7 @@ def test_sigterm_under_load_answers_every_call_in_flight_and_exits_0(
         port = log.port
         idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # an agent worker
         idle.request("GET", "/healthz")
-        assert idle.getresponse().read() == b"ok\n"
+        assert idle.getresponse().read() == b"ok"
         callers += [
             threading.Thread(target=call, args=(number,), name=f"term-caller-{number}")
             for number in range(len(calls))
@@ -1411,7 +1411,7 @@ def test_fuzzed_requests_get_no_5xx_never_crash_and_forward_only_authorized_owne
             assert TOKEN not in "".join(seen.headers.values())
         # Still serving, and nothing went wrong inside.
         status, _, health = plugin.request("GET", "/healthz")
-        assert (status, health) == (200, b"ok\n")
+        assert (status, health) == (200, b"ok")
         assert unexpected_errors(plugin) == []
 
     check()
