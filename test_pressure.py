@@ -624,6 +624,8 @@ def test_load_with_a_hostile_driver_server_loses_and_doubles_nothing(
         assert max(chaos.max_in_flight) == 1
 
         assert plugin.server.calls.sizes()[0] == 0, "a driver call is still in flight"
+        # The gauge drops just after the reply is written: wait for it, do not race it.
+        assert plugin.server.wait_idle(10), "a handler never finished"
         assert plugin.server.metrics.in_flight == 0
         assert unexpected_errors(plugin) == []
         back_to_idle(baseline, plugin, also=(socket_name(chaos.listener),))  # after restarts
