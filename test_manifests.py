@@ -52,12 +52,14 @@ CONTROLLER_RULE = {
     "verbs": ["patch"],
 }
 KUSTOMIZATIONS = [
-    "deploy/profile",
+    ".",
     "deploy/single-user",
     "deploy/controller-rbac-fix/argo",
     "deploy/controller-rbac-fix/kubeflow",
-    "e2e/profile",
 ]
+# Overlays that read ../../rbac.yaml, outside their directory: kustomize allows that only with
+# --load-restrictor=LoadRestrictionsNone (and refuses the root, which contains them, as a base).
+OUTSIDE_FILES = {"deploy/single-user"}
 WORKFLOWS = [
     "e2e/workflows/dag-succeeds.yaml",
     "e2e/workflows/driver-fails.yaml",
@@ -123,8 +125,9 @@ def as_pod(container: dict[str, Any]) -> dict[str, Any]:
 @functools.cache
 def kustomize(directory: str) -> tuple[dict[str, Any], ...]:
     assert KUBECTL is not None
+    restrictor = ["--load-restrictor=LoadRestrictionsNone"] if directory in OUTSIDE_FILES else []
     result = subprocess.run(
-        [KUBECTL, "kustomize", str(ROOT / directory)],
+        [KUBECTL, "kustomize", str(ROOT / directory), *restrictor],
         capture_output=True,
         text=True,
         check=False,
@@ -394,7 +397,7 @@ def test_env_values_are_accepted_by_the_plugin() -> None:
 
 def _plain_manifests() -> list[str]:
     return [
-        "deploy/profile/rbac.yaml",
+        "rbac.yaml",
         "deploy/controller-rbac-fix/argo/controller-rbac-fix.yaml",
         "e2e/manifests/mock-driver-server.yaml",
         "e2e/profile/kfp-stand-in.yaml",
@@ -422,8 +425,9 @@ def test_kustomization_renders_and_validates_strictly(directory: str) -> None:
 def test_every_yaml_file_is_checked() -> None:
     """New YAML files must be added to one of the checks above (or be a kustomization)."""
     covered = {*(_plain_manifests()), *WORKFLOWS, "plugin.yaml", ".yamllint"}
-    covered |= {f"{directory}/kustomization.yaml" for directory in KUSTOMIZATIONS}
-    ours = ("deploy/", "e2e/", "examples/", "plugin.yaml", CONFIGMAP.name)
+    covered |= {str(Path(directory) / "kustomization.yaml") for directory in KUSTOMIZATIONS}
+    ours: tuple[str, ...] = ("deploy/", "e2e/", "examples/", "plugin.yaml", "rbac.yaml")
+    ours += ("kustomization.yaml", CONFIGMAP.name)
     found = {str(path.relative_to(ROOT)) for path in _yaml_files()}
     unchecked = {path for path in found if path.startswith(ours)} - covered
     assert not unchecked, f"not validated by test_manifests.py: {sorted(unchecked)}"
@@ -444,7 +448,7 @@ def _yaml_files() -> list[Path]:
 
 
 def test_profile_rbac() -> None:
-    docs = load_all("deploy/profile/rbac.yaml")
+    docs = load_all("rbac.yaml")
     sa_name = f"{PLUGIN_NAME}-executor-plugin"  # what Argo looks up for automount
     sa = named(by_kind(docs, "ServiceAccount"), sa_name)
     assert sa["automountServiceAccountToken"] is False
@@ -468,7 +472,7 @@ def test_profile_rbac() -> None:
 
 
 def _all_deploy_docs() -> list[dict[str, Any]]:
-    docs = load_all("deploy/profile/rbac.yaml")
+    docs = load_all("rbac.yaml")
     docs += load_all("deploy/controller-rbac-fix/argo/controller-rbac-fix.yaml")
     if KUBECTL is not None:
         for directory in KUSTOMIZATIONS:
@@ -507,8 +511,12 @@ def test_overlays_rebind_the_right_accounts() -> None:
     assert secret["metadata"]["annotations"] == {
         "kubernetes.io/service-account.name": "pipeline-runner"
     }
-    profile = kustomize("e2e/profile")
-    assert {doc["metadata"]["namespace"] for doc in profile} == {"kubeflow-user-example-com"}
+
+    def key(doc: dict[str, Any]) -> tuple[str, str]:
+        return doc["kind"], doc["metadata"]["name"]
+
+    # kustomize sorts by kind; otherwise the root base is rbac.yaml, unchanged.
+    assert sorted(kustomize("."), key=key) == sorted(load_all("rbac.yaml"), key=key)
 
 
 # Argo Workflows (no schema offline: shape and references) ################################
@@ -620,11 +628,11 @@ def test_e2e_pins_argo_and_uses_the_repository_files() -> None:
     assert "deploy/controller-rbac-fix/argo" in script
     assert "kind load docker-image" in script
     assert "PROFILE_NS=kubeflow-user-example-com" in script
-    for path in ("e2e/workflows/", "examples/workflow-level-plugin.yaml", "e2e/profile"):
+    for path in ("e2e/workflows/", "examples/workflow-level-plugin.yaml"):
         assert path in script, path
-    profile = load_one("e2e/profile/kustomization.yaml")
-    assert profile["namespace"] == "kubeflow-user-example-com"
-    assert "../../deploy/profile" in profile["resources"]
+    # The profile namespace gets exactly what an operator applies (README, step 6).
+    assert 'kubectl -n "$PROFILE_NS" apply -f "$ROOT/rbac.yaml"' in script
+    assert 'kubectl -n "$PROFILE_NS" apply -f "$ROOT/e2e/profile/kfp-stand-in.yaml"' in script
 
 
 def test_mock_driver_server_deployment() -> None:
