@@ -46,6 +46,15 @@ AGENT_RULES = [
     {"apiGroups": ["argoproj.io"], "resources": ["workflowtasksets"], "verbs": ["list", "watch"]},
     {"apiGroups": ["argoproj.io"], "resources": ["workflowtasksets/status"], "verbs": ["patch"]},
 ]
+# KFP's driver's own Kubernetes API calls in a profile namespace (deploy/driver-api-access).
+DRIVER_RULES = [
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher"]},
+    {"apiGroups": ["argoproj.io"], "resources": ["workflows"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"]},
+    {"apiGroups": [""], "resources": ["pods"]},
+]
+DRIVER_VERBS = [["get"], ["get"], ["create"], ["get", "delete"], ["get"]]
 CONTROLLER_RULE = {
     "apiGroups": ["argoproj.io"],
     "resources": ["workflowtasksets/status"],
@@ -56,6 +65,7 @@ KUSTOMIZATIONS = [
     "deploy/single-user",
     "deploy/controller-rbac-fix/argo",
     "deploy/controller-rbac-fix/kubeflow",
+    "deploy/driver-api-access",
 ]
 # Overlays that read ../../rbac.yaml, outside their directory: kustomize allows that only with
 # --load-restrictor=LoadRestrictionsNone (and refuses the root, which contains them, as a base).
@@ -399,6 +409,7 @@ def _plain_manifests() -> list[str]:
     return [
         "rbac.yaml",
         "deploy/controller-rbac-fix/argo/controller-rbac-fix.yaml",
+        "deploy/driver-api-access/role.yaml",
         "e2e/manifests/mock-driver-server.yaml",
         "e2e/profile/kfp-stand-in.yaml",
         CONFIGMAP.name,
@@ -471,21 +482,52 @@ def test_profile_rbac() -> None:
         assert "namespace" not in doc["metadata"], "the namespace comes from kustomize or -n"
 
 
-def _all_deploy_docs() -> list[dict[str, Any]]:
+def _default_deploy_docs() -> list[dict[str, Any]]:
+    """Everything but the opt-in deploy/driver-api-access."""
     docs = load_all("rbac.yaml")
     docs += load_all("deploy/controller-rbac-fix/argo/controller-rbac-fix.yaml")
     if KUBECTL is not None:
         for directory in KUSTOMIZATIONS:
-            docs += list(kustomize(directory))
+            if directory != "deploy/driver-api-access":
+                docs += list(kustomize(directory))
     return docs
 
 
 def test_plugin_service_account_has_no_permissions() -> None:
-    """An identity for the driver server to verify, not a key to the cluster."""
-    for doc in _all_deploy_docs():
+    """By default an identity for the driver server to verify, not a key to the cluster."""
+    for doc in _default_deploy_docs():
         if doc["kind"] in ("RoleBinding", "ClusterRoleBinding"):
             names = {subject["name"] for subject in doc.get("subjects", [])}
             assert f"{PLUGIN_NAME}-executor-plugin" not in names, doc["metadata"]["name"]
+
+
+def test_driver_api_access_is_the_drivers_calls_and_no_more() -> None:
+    path = "deploy/driver-api-access/role.yaml"
+    docs = load_all(path)
+    assert sorted(doc["kind"] for doc in docs) == ["Role", "RoleBinding"]
+    [role] = by_kind(docs, "Role")
+    assert [{k: v for k, v in rule.items() if k != "verbs"} for rule in role["rules"]] == (
+        DRIVER_RULES
+    )
+    assert [rule["verbs"] for rule in role["rules"]] == DRIVER_VERBS
+    [binding] = by_kind(docs, "RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    # The account rbac.yaml creates and Argo mounts into the sidecar; no subject namespace, so
+    # the binding's own namespace.
+    [account] = by_kind(load_all("rbac.yaml"), "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"]}]
+    for doc in docs:
+        assert "namespace" not in doc["metadata"], "the namespace comes from kustomize or -n"
+    # Each rule names the KFP file and function it comes from, in the comment above it.
+    text = (ROOT / path).read_text(encoding="utf-8")
+    rules_text = text.split("rules:\n", 1)[1].split("\n---\n", 1)[0]
+    cited = re.findall(r"^  # (backend/src/v2/\S+\.go) (\w+)", rules_text, re.M)
+    starts = re.findall(r"^  - apiGroups:", rules_text, re.M)
+    assert len(cited) == len(starts) == len(role["rules"]), cited
 
 
 def test_controller_rbac_fix() -> None:
