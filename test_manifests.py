@@ -256,6 +256,22 @@ def test_configmap_container_decodes_strictly() -> None:
     argo_validate(decoded, "sidecar.container")
 
 
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ("ports", "at least one port is mandatory"),
+        ("requests", "resources requests are mandatory"),
+        ("limits", "resources limits are mandatory"),
+        ("securityContext", "security context is mandatory"),
+    ],
+)
+def test_argo_validate_rules_can_fail(field: str, message: str) -> None:
+    broken = json.loads(json.dumps(container()))
+    del (broken["resources"] if field in ("requests", "limits") else broken)[field]
+    with pytest.raises(AssertionError, match=message):
+        argo_validate(broken, "broken")
+
+
 def test_strict_schema_catches_a_misspelt_field() -> None:
     """The strict check above could fail: an unknown field nested anywhere is reported."""
     broken = json.loads(json.dumps(container()))
