@@ -41,12 +41,18 @@ typecheck: $(VENV)/.installed
 pytest: $(VENV)/.installed
 	$(VPY) -m pytest
 
-## configmap: regenerate the plugin ConfigMap from plugin.yaml (never touches README.md)
-configmap: $(VENV)/.installed
-	$(VPY) tools/build_configmap.py plugin.yaml
-
-check-configmap: $(VENV)/.installed
-	$(VPY) tools/build_configmap.py --check plugin.yaml
+## configmap: write the plugin ConfigMap from plugin.yaml with Argo's own `argo executor-plugin
+## build`: the argo CLI on PATH, else Argo's command built from tools/argo-cli (needs Go). It runs
+## on a copy of plugin.yaml in a temporary directory: the build also writes a README.md there.
+## check-configmap: the same build, failing with a diff when the committed file differs at all
+CONFIGMAP := driver-plugin-executor-plugin-configmap.yaml
+ARGO      ?= $(or $(shell command -v argo),$(ARGO_BIN)/argo)
+configmap check-configmap: $(filter $(ARGO_BIN)/argo,$(ARGO))
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cp plugin.yaml "$$tmp/" && \
+	$(ARGO) executor-plugin build "$$tmp" >/dev/null && \
+	if [ $@ = configmap ]; then cp "$$tmp/$(CONFIGMAP)" $(CONFIGMAP); \
+	else diff -u $(CONFIGMAP) "$$tmp/$(CONFIGMAP)" || { \
+	  echo "make $@: $(CONFIGMAP) is not what $(ARGO) writes: run make configmap" >&2; exit 1; }; fi
 
 ## image: build the distroless image (needs docker)
 image:
@@ -69,7 +75,13 @@ $(BUILD)/conformance/agent-%: conformance/agent.go conformance/agent-%/argo.go c
 	@$(GO_PREFLIGHT)
 	cd conformance/agent-$* && $(GO) build -trimpath -o $(abspath $@) .
 
-## $(ARGO_BIN)/<cmd>: Argo's own argo, argoexec or workflow-controller, built by `go install
+## $(ARGO_BIN)/argo: Argo's `argo executor-plugin` command alone (tools/argo-cli/main.go says why
+## `go install .../cmd/argo` cannot build the whole CLI)
+$(ARGO_BIN)/argo: tools/argo-cli/go.mod tools/argo-cli/go.sum tools/argo-cli/main.go
+	@$(GO_PREFLIGHT)
+	cd tools/argo-cli && $(GO) build -o $(abspath $@) .
+
+## $(ARGO_BIN)/<cmd>: Argo's own argoexec or workflow-controller, built by `go install
 ## <module>/cmd/<cmd>@$(ARGO_VERSION)`: its own go.mod (v4 has no replace directives), as released
 $(ARGO_BIN)/%: conformance/agent-v4/go.mod
 	@$(GO_PREFLIGHT)

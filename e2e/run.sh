@@ -8,7 +8,7 @@
 #  3. Argo Workflows (pinned release) in `argo`, executor plugins enabled, the controller RBAC
 #     fix (deploy/controller-rbac-fix/argo);
 #  4. the mock kfp-driver-server as Deployment+Service ml-pipeline-driver in `kubeflow`;
-#  5. the profile namespace: deploy/profile (via e2e/profile) and the plugin ConfigMap;
+#  5. the profile namespace: rbac.yaml, stand-ins for Kubeflow (e2e/profile) and the plugin ConfigMap;
 #  6. workflows shaped like KFP's compiler output: (a) a DAG whose container driver's
 #     pod-spec-patch drives the executor pod, (b) a failing driver call, (c) a driver call
 #     slower than the agent's 30 s timeout, executed once, (d) the workflow-level example;
@@ -62,7 +62,7 @@ preflight() {
     problems+=("python3 is not installed (or not on PATH); the e2e reads JSON with it. Install Python 3.11 or newer.")
   fi
   local file
-  for file in Dockerfile driver_plugin.py mock_driver_server.py driver-plugin-executor-plugin-configmap.yaml; do
+  for file in Dockerfile driver_plugin.py mock_driver_server.py driver-plugin-executor-plugin-configmap.yaml rbac.yaml; do
     if [[ ! -f $ROOT/$file ]]; then
       problems+=("$file is missing from $ROOT.")
     fi
@@ -236,9 +236,11 @@ deploy_mock() {
 }
 
 deploy_profile() {
-  step "profile namespace $PROFILE_NS: deploy/profile and the plugin ConfigMap"
+  step "profile namespace $PROFILE_NS: rbac.yaml and the plugin ConfigMap"
   kubectl create namespace "$PROFILE_NS"
-  kubectl apply -k "$ROOT/e2e/profile"
+  # The operator's command (README, step 6), then what Kubeflow would already have created.
+  kubectl -n "$PROFILE_NS" apply -f "$ROOT/rbac.yaml"
+  kubectl -n "$PROFILE_NS" apply -f "$ROOT/e2e/profile/kfp-stand-in.yaml"
   with_image <"$CONFIGMAP" | kubectl -n "$PROFILE_NS" apply -f -
   local i secret token
   for secret in driver-plugin-executor-plugin.service-account-token default-editor.service-account-token; do
