@@ -162,7 +162,20 @@ def format_duration(seconds: float) -> str:
     milliseconds = max(1, round(seconds * 1000))
     if milliseconds % 1000:
         return f"{milliseconds}ms"
-    return f"{milliseconds // 1000}s"
+    whole = milliseconds // 1000
+    if whole % 3600 == 0:
+        return f"{whole // 3600}h"
+    if whole % 60 == 0:
+        return f"{whole // 60}m"
+    return f"{whole}s"
+
+
+def format_size(size: int) -> str:
+    """Render a byte count the way the settings table documents it (``8MiB``)."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
 
 
 def parse_size(text: str) -> int:
@@ -280,6 +293,8 @@ class Settings:
             default = setting.default
             if setting.metadata.get("parse") in (_positive_duration, _duration):
                 default = format_duration(float(default))  # type: ignore[arg-type]
+            elif setting.metadata.get("parse") is parse_size:
+                default = format_size(int(default))  # type: ignore[arg-type]
             parser.add_argument(
                 "--" + setting.name.replace("_", "-"),
                 metavar="VALUE",
@@ -1468,10 +1483,11 @@ class PluginServer(ThreadingHTTPServer):
                 reply, fields["upstream_status"] = self._answer(call, connection, template, began)
                 return reply
             except UpstreamUnavailable as error:
-                if time.monotonic() + pause >= retry_until:
+                left = retry_until - time.monotonic()
+                if left <= 0:
                     fields["upstream_error"] = str(error)
                     return self.calls.outage(call.key, str(error), self.settings.requeue)
-                time.sleep(pause)
+                time.sleep(min(pause, left))  # the last pause is cut to the budget
                 pause *= 2
 
     def _answer(

@@ -438,9 +438,23 @@ def test_durations_parse_as_go_does(text: str, seconds: float) -> None:
     assert go_parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("seconds", [0.001, 0.5, 2, 5, 90, 600, 1.25])
+@pytest.mark.parametrize("seconds", [0.001, 0.5, 2, 5, 90, 600, 1.25, 3600, 7200])
 def test_formatted_durations_are_valid_go_durations(seconds: float) -> None:
     assert go_parse_duration(dp.format_duration(seconds)) == pytest.approx(seconds)
+
+
+def test_help_prints_every_default_as_the_docstring_documents_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        dp.Settings.argument_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    shown = dict(re.findall(r"--([a-z-]+) VALUE\s+default\s+(\S+);", out))
+    documented = dict(re.findall(r"^--([a-z-]+) +DRIVER_PLUGIN_\w+ +(\S+)", dp.__doc__ or "", re.M))
+    assert len(shown) == len(dataclasses.fields(dp.Settings))
+    for name, default in shown.items():
+        if default not in ("None", dp.Settings.sa_token_file):  # documented in words
+            assert documented[name] == default, name
 
 
 ###############################################################################
