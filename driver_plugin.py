@@ -520,8 +520,9 @@ _QUOTE_LIMIT = 200
 
 
 def _quote(data: bytes) -> str:
-    text = data[:_QUOTE_LIMIT].decode("utf-8", "replace")
-    return json.dumps(text + ("..." if len(data) > _QUOTE_LIMIT else ""), ensure_ascii=False)
+    """An upstream text as an operator reads it in the Argo UI: one line, plain, cut short."""
+    text = " ".join(data[:_QUOTE_LIMIT].decode("utf-8", "replace").split())
+    return (text + ("..." if len(data) > _QUOTE_LIMIT else "")) or "(empty)"
 
 
 def parameter_value(value: Any) -> str:
@@ -616,14 +617,19 @@ def outputs_from_flat(answer: dict[str, Any], template: dict[str, Any]) -> Reply
         else:
             parameters.append(_output(parameter, value))
     if missing:
-        message = "driver server answer has no value and no default for output(s) " + ", ".join(
-            repr(name) for name in missing
-        )
-        return Reply.failed(message, "bad_output")
+        return missing_outputs(missing)
     node: dict[str, Any] = {"phase": "Succeeded"}
     if parameters:
         node["outputs"] = {"parameters": parameters}
     return Reply.node(node, "flat")
+
+
+def missing_outputs(names: list[str]) -> Reply:
+    """A Succeeded answer without a declared output: fail here, not at Argo's later lookup."""
+    listed = ", ".join(repr(name) for name in names)
+    return Reply.failed(
+        f"driver server answer has no value and no default for output(s) {listed}", "bad_output"
+    )
 
 
 def normalise_node(
@@ -668,7 +674,9 @@ def normalise_node(
         if clean_outputs:
             clean["outputs"] = clean_outputs
     if phase == "Succeeded":
-        _fill_declared_defaults(clean, template)
+        missing = _fill_declared_defaults(clean, template)
+        if missing:
+            return missing_outputs(missing)
     if phase in TERMINAL_PHASES:
         # A terminal phase with a requeue makes the agent call again for a pruned task.
         return Reply.node(clean, "relayed")
@@ -691,22 +699,29 @@ def _is_parameter_name(name: Any) -> bool:
     return isinstance(name, str) and _PARAMETER_NAME.fullmatch(name) is not None
 
 
-def _fill_declared_defaults(node: dict[str, Any], template: dict[str, Any]) -> None:
-    """Add declared outputs the driver omitted but that have a default, so references resolve."""
+def _fill_declared_defaults(node: dict[str, Any], template: dict[str, Any]) -> list[str]:
+    """Add declared outputs the driver omitted but that have a default, so references resolve;
+    returns the names of those without one."""
     declared = declared_outputs(template)
     if not declared:
-        return
+        return []
     outputs = node.setdefault("outputs", {})
     parameters = outputs.setdefault("parameters", [])
     present = {p["name"] for p in parameters}
+    missing = []
     for parameter in declared:
         default = _declared_default(parameter)
-        if parameter["name"] not in present and default is not _MISSING:
+        if parameter["name"] in present:
+            continue
+        if default is _MISSING:
+            missing.append(parameter["name"])
+        else:
             parameters.append(_output(parameter, default))
     if not parameters:
         del outputs["parameters"]
     if not outputs:
         del node["outputs"]
+    return missing
 
 
 #: The longest requeue sent to the agent: Go's time.Duration ends near 292 years, and an hour
@@ -760,8 +775,7 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
             "bad_reply",
         )
     if status >= 400:
-        reason = body[:_QUOTE_LIMIT].decode("utf-8", "replace").strip()
-        return Reply.failed(f"driver server: {described}: {reason}", "driver_failed")
+        return Reply.failed(f"driver server: {described}: {_quote(body)}", "driver_failed")
     if status != 200:
         return Reply.failed(
             f"driver server answered {described} where 200 was expected: {_quote(body)}",
@@ -775,6 +789,14 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
         return Reply.failed(
             f"driver server answered 200 with something that is not a JSON object "
             f"(Content-Type {response.headers.get('Content-Type', 'none')!r}): {_quote(body)}",
+            "bad_reply",
+        )
+    try:
+        _dumps(answer)
+    except UnicodeEncodeError:  # valid JSON ("\\ud800") that no UTF-8 reply can carry
+        return Reply.failed(
+            "driver server answered a string with a lone UTF-16 surrogate escape (such as "
+            "\\ud800): not Unicode text",
             "bad_reply",
         )
     if "node" in answer:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import http.client
 import io
 import json
@@ -1016,13 +1017,45 @@ def test_flat_answers_fall_back_to_value_from_default_then_default(
     assert exported["globalName"] == "g4"  # the controller exports only what the reply carries
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [{"cached-decision": "false"}, {"node": {"phase": "Succeeded"}}],
+    ids=["flat", "node"],
+)
 def test_a_declared_output_with_no_value_and_no_default_fails_naming_it(
-    start: Callable[..., Plugin], driver: FakeDriver
+    start: Callable[..., Plugin], driver: FakeDriver, answer: dict[str, Any]
 ) -> None:
-    driver.script = lambda body: json_answer({"cached-decision": "false"})
+    # Else Argo fails later, far from the cause, on an unresolved {{...outputs.parameters...}}.
+    driver.script = lambda body: json_answer(answer)
     outputs = [*KFP_OUTPUTS, {"name": "execution-id", "valueFrom": {"jsonPath": "$.execution-id"}}]
     view = start().agent(agent_call(outputs=outputs))
-    assert view.phase == "Failed" and "'execution-id'" in view.message
+    assert view.phase == "Failed"
+    assert view.message == (
+        "driver server answer has no value and no default for output(s) 'execution-id'"
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b'{"x": "\\ud800"}', b'{"node": {"phase": "Succeeded", "message": "\\udfff"}}'],
+)
+def test_a_lone_surrogate_is_a_bad_reply_not_an_internal_error(
+    start: Callable[..., Plugin], driver: FakeDriver, answer: bytes
+) -> None:
+    driver.script = lambda body: Answer(200, answer, {"Content-Type": "application/json"})
+    view = start().agent(agent_call(outputs=[{"name": "x", "valueFrom": {"jsonPath": "$.x"}}]))
+    assert view.phase == "Failed" and "lone UTF-16 surrogate" in view.message
+
+
+def test_every_upstream_reason_is_quoted_the_same_readable_way(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start()
+    reason = b'{"error": "quota\n exceeded"}'
+    for status in (202, 500):
+        driver.script = functools.partial(lambda status, body: Answer(status, reason), status)
+        view = plugin.agent(agent_call())
+        assert view.message.endswith(': {"error": "quota exceeded"}'), view.message
 
 
 def test_an_unsupported_json_path_fails_naming_the_output(

@@ -1003,6 +1003,16 @@ def owned(body: bytes) -> bool:
     return isinstance(plugin, dict) and "driver-plugin" in plugin
 
 
+def undefaulted_outputs(body: bytes) -> list[str]:
+    """Declared outputs of an owned body that have no default: a node that omits them fails."""
+    template = json.loads(body)["template"]
+    return [
+        p["name"]
+        for p in dp.declared_outputs(template)
+        if "default" not in p and "default" not in (p.get("valueFrom") or {})
+    ]
+
+
 @dataclass(frozen=True)
 class Fuzzed:
     """One fuzzed exchange and what the plugin may do with it."""
@@ -1262,7 +1272,7 @@ def client_requests(draw: st.DrawFn) -> Fuzzed:
         body,
         line_path=path,
         forwardable=forwardable,
-        must_succeed=call and bool(forwardable) and owned(read),
+        must_succeed=call and bool(forwardable) and owned(read) and not undefaulted_outputs(read),
     )
 
 
