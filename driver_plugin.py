@@ -1300,6 +1300,10 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         length = self._declared_length()
         if isinstance(length, Reply):
             return length
+        if len(self.header_values.get("authorization", ())) > 1:
+            # Proxies disagree on which one counts: fail closed rather than pick one.
+            message = "more than one Authorization header: ambiguous, refused"
+            return Reply.text(400, message, "bad_request", close=True)
         try:
             token = server.agent_token.read()
         except SecretUnavailable as error:

@@ -565,6 +565,26 @@ def test_wrong_or_missing_tokens_get_403(
     assert TOKEN not in plugin.log_stream.getvalue()
 
 
+def test_two_authorization_headers_are_refused_as_ambiguous(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start()
+    body = agent_call()
+    connection = http.client.HTTPConnection("127.0.0.1", plugin.port, timeout=10)
+    connection.putrequest("POST", dp.EXECUTE_PATH)
+    for value in (f"Bearer {TOKEN}", "Bearer someone-else"):
+        connection.putheader("Authorization", value)
+    connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders(body)
+    reply = connection.getresponse()
+    assert (reply.status, reply.read()) == (
+        400,
+        b"more than one Authorization header: ambiguous, refused",
+    )
+    connection.close()
+    assert driver.seen == []
+
+
 def test_the_bearer_scheme_is_case_insensitive_and_a_newline_in_the_file_is_ignored(
     start: Callable[..., Plugin], token_file: Path
 ) -> None:
