@@ -329,8 +329,15 @@ def run(server: mock.MockDriverServer, work: Path) -> bool:
     finally:
         status = stop_plugin(proc)
     print("\nmock kfp-driver-server executions (run/task/iteration: count):")
-    for key, count in server.driver.calls().items():
-        print(f"   {key}: {count}")
+    calls = server.driver.calls()
+    for key, count in calls.items():
+        if "/" in key:
+            print(f"   {key}: {count}")
+    print(
+        f"   calls carrying the plugin's own service-account token: {calls['_bearer_present']}, "
+        f"without one: {calls['_bearer_absent']} (the demo has no service-account token file; "
+        "the Argo agent's token is never forwarded)"
+    )
     stopped = status == 0
     shown = "was killed after a timeout" if status is None else f"exited {status}"
     print(f"\ndriver_plugin.py {shown} after SIGTERM: {'ok' if stopped else 'FAILED'}")
