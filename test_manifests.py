@@ -66,6 +66,7 @@ KUSTOMIZATIONS = [
     "deploy/controller-rbac-fix/argo",
     "deploy/controller-rbac-fix/kubeflow",
     "deploy/driver-api-access",
+    "deploy/agent-ingress-deny",
 ]
 # Overlays that read ../../rbac.yaml, outside their directory: kustomize allows that only with
 # --load-restrictor=LoadRestrictionsNone (and refuses the root, which contains them, as a base).
@@ -426,6 +427,7 @@ def _plain_manifests() -> list[str]:
         "rbac.yaml",
         "deploy/controller-rbac-fix/argo/controller-rbac-fix.yaml",
         "deploy/driver-api-access/role.yaml",
+        "deploy/agent-ingress-deny/networkpolicy.yaml",
         "e2e/manifests/mock-driver-server.yaml",
         "e2e/profile/kfp-stand-in.yaml",
         CONFIGMAP.name,
@@ -472,6 +474,15 @@ def _yaml_files() -> list[Path]:
 
 
 # RBAC ####################################################################################
+
+
+def test_the_opt_in_network_policy_shuts_agent_pods_to_all_ingress() -> None:
+    (policy,) = yaml.safe_load_all(
+        (ROOT / "deploy/agent-ingress-deny/networkpolicy.yaml").read_text()
+    )
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"workflows.argoproj.io/component": "agent"}}
+    assert (spec["policyTypes"], spec["ingress"]) == (["Ingress"], [])  # egress untouched
 
 
 def test_profile_rbac() -> None:
