@@ -66,6 +66,7 @@ import functools
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import math
 import os
@@ -1105,6 +1106,12 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
     #: Enforced by the kernel (SO_RCVTIMEO, SO_SNDTIMEO): a Python socket timeout would add a
     #: poll() before every recv and send of every call.
     idle_timeout = 60.0
+    #: Seconds from a request's first byte to the end of its head; its body may take
+    #: ``head_timeout`` more plus its length at ``min_body_rate`` bytes a second. Per read,
+    #: ``idle_timeout`` alone would let a client that trickles a byte at a time keep its
+    #: thread and connection slot for ever. Enforced by the server's one watchdog thread.
+    head_timeout = 10.0
+    min_body_rate = 65536
     timeout = None
     #: Header lines and bytes (all lines together) accepted per request; the agent sends ~200 B.
     max_headers = 100
@@ -1112,6 +1119,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
     server_version = f"driver-plugin/{__version__}"
 
     server: PluginServer
+    rfile: io.BufferedReader  # StreamRequestHandler's buffered makefile(): it has peek()
     ROUTES: ClassVar[dict[str, dict[str, str]]] = {
         EXECUTE_PATH: {"POST": "_execute"},
         "/healthz": {"GET": "_healthz"},
@@ -1128,20 +1136,36 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         try:
-            self.raw_requestline = self.rfile.readline(65537)
-            self.began = time.monotonic()
-            if len(self.raw_requestline) > 65536:
-                self.requestline = self.request_version = self.command = ""
-                self._send(Reply.text(414, "request line too long", "bad_request", close=True))
-                return
-            if not self.raw_requestline.endswith(b"\n"):  # end of file, or idle_timeout
+            if not self.rfile.peek(1):  # waits for the first byte: idle time is not counted
                 self.close_connection = True
                 return
-            if self.parse_request():
-                self._dispatch()
+            self.began = time.monotonic()
+            self.server.watchdog.watch(self, self.began + self.head_timeout)
+            try:
+                self._handle_request()
+            finally:
+                self.server.watchdog.forget(self)
         except OSError:
             # The client went away, or stalled past ``idle_timeout``: nothing left to answer.
             self.close_connection = True
+
+    def _handle_request(self) -> None:
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self._send(Reply.text(414, "request line too long", "bad_request", close=True))
+            return
+        if not self.raw_requestline.endswith(b"\n"):  # end of file, idle or head timeout
+            self.close_connection = True
+            return
+        if self.parse_request():
+            self.server.watchdog.forget(self)  # the head is in; a body read sets its own time
+            self._dispatch()
+
+    def expire(self) -> None:
+        """The watchdog's verdict: the request is too slow. Unblocks the read and drops it."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def parse_request(self) -> bool:
         """Parse the request line and headers into ``header_values`` (lower-case names).
@@ -1310,7 +1334,10 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             return Reply.text(503, token_problem(error), "token_unavailable", close=True)
         if not bearer_matches(self._header("authorization"), token):
             return Reply.text(403, "forbidden", "unauthorized", close=True)
+        deadline = time.monotonic() + self.head_timeout + length / self.min_body_rate
+        self.server.watchdog.watch(self, deadline)
         body = self.rfile.read(length)
+        self.server.watchdog.forget(self)
         if body is None or len(body) != length:  # None: idle_timeout (kernel) mid-body
             raise ConnectionAbortedError("client left or stalled mid-body")
         try:
@@ -1359,6 +1386,38 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
 ###############################################################################
 
 
+class Watchdog:
+    """One thread for every request deadline: a call pays two dict operations, not a timer."""
+
+    #: Seconds between looks; a slow request lives at most this much past its deadline.
+    interval = 0.5
+
+    def __init__(self) -> None:
+        self._deadlines: dict[AgentRequestHandler, float] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._run, name="request-watchdog", daemon=True).start()
+
+    def watch(self, handler: AgentRequestHandler, deadline: float) -> None:
+        with self._lock:
+            self._deadlines[handler] = deadline
+
+    def forget(self, handler: AgentRequestHandler) -> None:
+        with self._lock:
+            self._deadlines.pop(handler, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            now = time.monotonic()
+            with self._lock:  # forget() waits, so a handler never expires after it finished
+                for handler in [h for h, deadline in self._deadlines.items() if deadline <= now]:
+                    del self._deadlines[handler]
+                    handler.expire()
+
+
 class PluginServer(ThreadingHTTPServer):
     """The sidecar: settings, secrets, the upstream pool and the call table, behind one port."""
 
@@ -1401,6 +1460,7 @@ class PluginServer(ThreadingHTTPServer):
         self._idle = threading.Condition()
         self._connections = 0
         self._count_lock = threading.Lock()
+        self.watchdog = Watchdog()
         self._ids = iter(range(1, sys.maxsize))
         self._id_prefix = secrets.token_hex(4)
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -1423,6 +1483,10 @@ class PluginServer(ThreadingHTTPServer):
         finally:
             with self._count_lock:
                 self._connections -= 1
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.watchdog.stop()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, a DNS round trip at start-up; skip it.

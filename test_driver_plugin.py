@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -1449,6 +1450,76 @@ def test_connections_past_max_connections_are_closed_unless_from_loopback(
             sock.close()
 
 
+def trickle(sock: socket.socket, stop: threading.Event, limit: int = 400) -> bool:
+    """Send a request head a byte every 50 ms, as a slowloris does; True once the plugin hangs
+    up (False if it was still listening after ``limit`` bytes, or ``stop`` was set)."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+    for _ in range(limit):
+        if stop.wait(0.05):
+            return False
+        try:
+            sock.sendall(b"a")
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable and sock.recv(1) == b"":
+                return True
+        except OSError:  # reset: hung up
+            return True
+    return False
+
+
+def test_a_head_trickled_a_byte_at_a_time_is_cut_at_its_deadline(
+    start: Callable[..., Plugin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dp.AgentRequestHandler, "head_timeout", 0.3)
+    plugin = start()
+    plugin.server.watchdog.interval = 0.05
+    with socket.create_connection(("127.0.0.1", plugin.port), timeout=10) as sock:
+        # Each byte arrives well within idle_timeout (60 s): only a whole-head deadline ends it.
+        assert trickle(sock, threading.Event())
+
+
+def test_probes_are_served_while_slow_clients_fill_every_external_slot(
+    start: Callable[..., Plugin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dp.AgentRequestHandler, "head_timeout", 0.3)
+    plugin = start()
+    plugin.server.max_connections = 2
+    plugin.server.watchdog.interval = 0.05
+    stop = threading.Event()
+    cut: list[bool] = []
+    slow = [  # peers on the pod network, holding every external slot
+        socket.create_connection(
+            ("127.0.0.1", plugin.port), timeout=10, source_address=("127.0.0.2", 0)
+        )
+        for _ in range(plugin.server.max_connections)
+    ]
+    attackers = [threading.Thread(target=lambda s=s: cut.append(trickle(s, stop))) for s in slow]
+    for attacker in attackers:
+        attacker.start()
+    try:
+        assert plugin.agent(agent_call()).phase == "Succeeded"  # loopback: never turned away
+        answered = False
+        for _ in range(200):  # the kubelet, from the node's address, retrying as it does
+            with (
+                socket.create_connection(
+                    ("127.0.0.1", plugin.port), timeout=10, source_address=("127.0.0.3", 0)
+                ) as probe,
+                contextlib.suppress(OSError),
+            ):
+                probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                answered = probe.recv(100).startswith(b"HTTP/1.1 200 OK")
+            if answered or stop.wait(0.05):
+                break
+        assert answered, "slow clients kept every external slot"
+    finally:
+        for attacker in attackers:
+            attacker.join(10)  # the watchdog cuts them well before trickle() gives up
+        stop.set()
+        for sock in slow:
+            sock.close()
+    assert cut == [True, True]  # cut off at their head deadline, not let go
+
+
 class CountingWriter(io.BytesIO):
     writes = 0
 
@@ -1462,7 +1533,7 @@ def socketless(server: dp.PluginServer, raw: bytes) -> tuple[bytes, int]:
     handler = dp.AgentRequestHandler.__new__(dp.AgentRequestHandler)
     handler.server = server
     handler.client_address = ("127.0.0.1", 1)
-    handler.rfile = io.BytesIO(raw)
+    handler.rfile = io.BufferedReader(io.BytesIO(raw))
     handler.wfile = CountingWriter()
     handler.close_connection = True
     handler.handle_one_request()
