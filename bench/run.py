@@ -1001,6 +1001,11 @@ def run(settings: Settings) -> int:
     nginx_bin = None
     if "nginx" in settings.paths:
         nginx_bin = ensure_tool("nginx", "nginx", settings.install)
+        if nginx_bin is None:
+            log(
+                "nginx is missing and could not be installed (Debian package: nginx); "
+                "benching without the nginx path"
+            )
     if "plugin" in settings.paths and not PLUGIN.exists():
         log(
             f"{PLUGIN.name} does not exist; run with --paths direct,naive,nginx to bench without it"
