@@ -578,14 +578,24 @@ def fan_out(world: World) -> None:
     executed_once(world, mock, tasks)
 
 
-@case("plugin SIGKILLed and restarted mid-call: no node lost (duplicates reported)")
-def sigkill_restart(world: World) -> None:
+def calls_in_flight(
+    world: World, count: int
+) -> tuple[Service, Plugin, Agent, dict[str, dict[str, Any]]]:
+    """``count`` 3 s driver calls, all of them running at the driver when this returns."""
     mock = world.mock()
     plugin = world.plugin(mock.url)
     agent = world.agent((plugin.url, world.token_file))
-    tasks = {f"t{i}": world.task("CONTAINER", task_name=f"t{i}", mock_delay="3s") for i in range(6)}
+    tasks = {
+        f"t{i}": world.task("CONTAINER", task_name=f"t{i}", mock_delay="3s") for i in range(count)
+    }
     agent.send(tasks)
-    wait_until(lambda: len(world.executions(mock)) == len(tasks), 20, "every call at the driver")
+    wait_until(lambda: len(world.executions(mock)) == count, 20, "every call at the driver")
+    return mock, plugin, agent, tasks
+
+
+@case("plugin SIGKILLed and restarted mid-call: no node lost (duplicates reported)")
+def sigkill_restart(world: World) -> None:
+    mock, plugin, agent, tasks = calls_in_flight(world, 6)
     plugin.service.signal(signal.SIGKILL)
     plugin.restart()
     nodes = agent.settled(list(tasks), 60)
@@ -597,12 +607,7 @@ def sigkill_restart(world: World) -> None:
 
 @case("SIGTERM mid-call: calls in flight answered, a later call waits for the restart")
 def sigterm_drain(world: World) -> None:
-    mock = world.mock()
-    plugin = world.plugin(mock.url)
-    agent = world.agent((plugin.url, world.token_file))
-    tasks = {f"t{i}": world.task("CONTAINER", task_name=f"t{i}", mock_delay="3s") for i in range(4)}
-    agent.send(tasks)
-    wait_until(lambda: len(world.executions(mock)) == len(tasks), 20, "every call at the driver")
+    mock, plugin, agent, tasks = calls_in_flight(world, 4)
     plugin.service.signal(signal.SIGTERM)
     late = {"late": world.task("CONTAINER", task_name="late")}
     agent.send(late)
