@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import email.message
+import errno
 import functools
 import hashlib
 import hmac
@@ -120,7 +121,13 @@ class ConfigError(PluginError):
 
 
 class SecretUnavailable(PluginError):
-    """A token file cannot be read; the message says why, never what it holds."""
+    """A token file cannot be read; the message says why, never what it holds. ``kind`` is
+    ``missing`` (no such path), ``denied`` (permissions) or ``unusable`` (a directory, empty,
+    not a token), so that the advice can fit."""
+
+    def __init__(self, message: str, kind: str = "unusable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class UpstreamUnavailable(PluginError):
@@ -411,6 +418,15 @@ class Metrics:
 ###############################################################################
 
 
+_SecretState = tuple[tuple[int, int, int] | None, bytes, str, str]
+_SECRET_ERRORS = {
+    errno.ENOENT: "missing",
+    errno.ENOTDIR: "missing",
+    errno.EACCES: "denied",
+    errno.EPERM: "denied",
+}
+
+
 class SecretFile:
     """A token file, read on first use and again when it has changed on disk (rotation), looked
     at no more than once per ``recheck_interval``.
@@ -426,8 +442,8 @@ class SecretFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        # (signature, value, problem), replaced as a whole: no thread sees half an update.
-        self._state: tuple[tuple[int, int, int] | None, bytes, str] = (None, b"", "not read yet")
+        # (signature, value, problem, its kind), replaced as a whole: no thread sees half of it.
+        self._state: _SecretState = (None, b"", "not read yet", "missing")
         self._next_look = 0.0
 
     def read(self) -> bytes:
@@ -435,14 +451,12 @@ class SecretFile:
         if now >= self._next_look:
             self._state = self._look(self._state)
             self._next_look = now + self.recheck_interval
-        _, value, problem = self._state
+        _, value, problem, kind = self._state
         if problem:
-            raise SecretUnavailable(f"{self.path}: {problem}")
+            raise SecretUnavailable(f"{self.path}: {problem}", kind)
         return value
 
-    def _look(
-        self, state: tuple[tuple[int, int, int] | None, bytes, str]
-    ) -> tuple[tuple[int, int, int] | None, bytes, str]:
+    def _look(self, state: _SecretState) -> _SecretState:
         try:
             stat = os.stat(self.path)
             signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
@@ -451,13 +465,14 @@ class SecretFile:
             with open(self.path, "rb") as handle:
                 value = handle.read(64 << 10).strip()
         except OSError as error:
-            return None, b"", str(error.strerror or error)
+            kind = _SECRET_ERRORS.get(error.errno or 0, "unusable")
+            return None, b"", str(error.strerror or error), kind
         # An empty token would accept "Bearer " from anyone: fail closed.
         if not value:
-            return signature, b"", "the file is empty"
+            return signature, b"", "the file is empty", "unusable"
         if not self.TOKEN.fullmatch(value):
-            return signature, b"", "the file holds characters a token cannot have"
-        return signature, value, ""
+            return signature, b"", "the file holds characters a token cannot have", "unusable"
+        return signature, value, "", ""
 
     def exists(self) -> bool:
         return os.path.isfile(self.path)
@@ -468,12 +483,17 @@ def _identity() -> str:
 
 
 def token_problem(error: SecretUnavailable) -> str:
-    """The 503 text for an unreadable agent token: what failed and what Argo expects."""
-    return (
-        f"driver-plugin cannot read the Argo agent token {error}. This process runs as "
-        f"{_identity()}; Argo's agent init writes the token as uid 8737, gid 0, mode 0440, so run "
-        "the sidecar as uid 8737 (or leave runAsUser unset) or with group 0."
-    )
+    """The 503 text for an unreadable agent token: what failed and the advice that fits it."""
+    advice = {
+        "missing": "Argo's agent init writes it to /var/run/argo/token in each plugin sidecar: "
+        "check --token-file (DRIVER_PLUGIN_TOKEN_FILE), or that the sidecar runs in an agent pod",
+        "denied": f"this process runs as {_identity()}; Argo's agent init writes the token as "
+        "uid 8737, gid 0, mode 0440, so run the sidecar as uid 8737 (or leave runAsUser unset) "
+        "or with group 0",
+        "unusable": "--token-file must name the file Argo's agent init writes, holding the token "
+        "(/var/run/argo/token in the sidecar), not a directory or another file",
+    }[error.kind]
+    return f"driver-plugin cannot read the Argo agent token {error}. {advice}."
 
 
 ###############################################################################

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import http.client
 import io
@@ -627,6 +628,14 @@ def test_concurrent_first_reads_all_see_the_token(token_file: Path) -> None:
     assert seen == [TOKEN.encode()] * 16
 
 
+def test_a_permission_problem_gets_the_uid_advice() -> None:
+    # Tests run as root, so EACCES cannot be made by chmod: judge the error the read would raise.
+    error = dp.SecretUnavailable("/var/run/argo/token: Permission denied", "denied")
+    text = dp.token_problem(error)
+    assert f"uid {os.getuid()}" in text and "uid 8737, gid 0, mode 0440" in text
+    assert dp._SECRET_ERRORS[errno.EACCES] == "denied"
+
+
 def test_an_empty_token_or_header_matches_nothing() -> None:
     assert not dp.bearer_matches("Bearer ", b"")
     assert not dp.bearer_matches("Bearer", b"")
@@ -634,9 +643,20 @@ def test_an_empty_token_or_header_matches_nothing() -> None:
     assert dp.bearer_matches(f"Bearer {TOKEN}", TOKEN.encode())
 
 
-@pytest.mark.parametrize("make_unreadable", ["missing", "directory", "empty"])
-def test_an_unreadable_token_gets_503_naming_path_and_identity(
-    start: Callable[..., Plugin], token_file: Path, driver: FakeDriver, make_unreadable: str
+@pytest.mark.parametrize(
+    ("make_unreadable", "advice"),
+    [
+        ("missing", "check --token-file"),
+        ("directory", "not a directory"),
+        ("empty", "holding the token"),
+    ],
+)
+def test_an_unreadable_token_gets_503_naming_path_and_fitting_advice(
+    start: Callable[..., Plugin],
+    token_file: Path,
+    driver: FakeDriver,
+    make_unreadable: str,
+    advice: str,
 ) -> None:
     token_file.unlink()
     if make_unreadable == "directory":
@@ -647,8 +667,8 @@ def test_an_unreadable_token_gets_503_naming_path_and_identity(
     status, body = plugin.execute(agent_call(), token="")
     view = argo_agent_reads(status, body)
     assert view.kind == "retry"
-    assert str(token_file) in view.message
-    assert f"uid {os.getuid()}" in view.message and "8737" in view.message
+    assert str(token_file) in view.message and advice in view.message
+    assert "uid 8737" not in view.message  # permissions are not what is wrong
     assert plugin.request("GET", "/healthz")[0] == 200
     status, _, body = plugin.request("GET", "/readyz")
     assert status == 503 and str(token_file).encode() in body
