@@ -82,6 +82,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -1406,6 +1407,12 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
 ###############################################################################
 
 
+def _where(error: BaseException | None) -> str:
+    """The function and line that raised ``error`` (``judge:812``): enough to act on."""
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return f"{frames[-1].name}:{frames[-1].lineno}" if frames else "unknown"
+
+
 class Watchdog:
     """One thread for every request deadline: a call pays two dict operations, not a timer."""
 
@@ -1514,9 +1521,14 @@ class PluginServer(ThreadingHTTPServer):
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # The type only: an exception's text can quote what it choked on, a header or a token.
-        error = type(sys.exc_info()[1]).__name__
-        self.log.log("error", "unexpected error serving a connection", error=error)
+        # The type and where, never the text: it can quote what it choked on, even a token.
+        error = sys.exc_info()[1]
+        self.log.log(
+            "error",
+            "unexpected error serving a connection",
+            error=type(error).__name__,
+            at=_where(error),
+        )
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
@@ -1553,9 +1565,15 @@ class PluginServer(ThreadingHTTPServer):
         return reply
 
     def _internal_error(self, error: Exception, request_id: str) -> Reply:
-        # The type only: an exception's text can quote what it choked on.
+        # The type and where, never the text: an exception's text can quote what it choked on.
         kind = type(error).__name__
-        self.log.log("error", "internal error driving a call", error=kind, request_id=request_id)
+        self.log.log(
+            "error",
+            "internal error driving a call",
+            error=kind,
+            at=_where(error),
+            request_id=request_id,
+        )
         return Reply.failed(f"driver-plugin internal error ({kind}); see its log", "internal")
 
     def _upstream_headers(self, request_id: str) -> dict[str, str]:

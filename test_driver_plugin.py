@@ -1088,6 +1088,25 @@ def test_a_lone_surrogate_is_a_bad_reply_not_an_internal_error(
     assert view.phase == "Failed" and "lone UTF-16 surrogate" in view.message
 
 
+def test_an_internal_error_logs_where_it_happened_but_not_its_text(
+    start: Callable[..., Plugin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def judge_that_breaks(*args: Any) -> dp.Reply:
+        raise ValueError(f"choked on {TOKEN}")
+
+    monkeypatch.setattr(dp, "judge", judge_that_breaks)
+    plugin = start()
+    view = plugin.agent(agent_call())
+    assert view.phase == "Failed" and "internal error (ValueError)" in view.message
+    (record,) = [
+        json.loads(line)
+        for line in plugin.log_stream.getvalue().splitlines()
+        if "internal error" in line
+    ]
+    assert record["at"].startswith("judge_that_breaks:")
+    assert TOKEN not in plugin.log_stream.getvalue()
+
+
 def test_every_upstream_reason_is_quoted_the_same_readable_way(
     start: Callable[..., Plugin], driver: FakeDriver
 ) -> None:
