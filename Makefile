@@ -50,7 +50,9 @@ ARGO      ?= $(or $(shell command -v argo),$(ARGO_BIN)/argo)
 configmap check-configmap: $(filter $(ARGO_BIN)/argo,$(ARGO))
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cp plugin.yaml "$$tmp/" && \
 	$(ARGO) executor-plugin build "$$tmp" >/dev/null && \
-	if [ $@ = configmap ]; then cp "$$tmp/$(CONFIGMAP)" $(CONFIGMAP); \
+	if [ $@ = configmap ]; then \
+	  if cmp -s "$$tmp/$(CONFIGMAP)" $(CONFIGMAP); then echo "$(CONFIGMAP): unchanged"; \
+	  else cp "$$tmp/$(CONFIGMAP)" $(CONFIGMAP) && echo "$(CONFIGMAP): rewritten by $(ARGO)"; fi; \
 	else diff -u $(CONFIGMAP) "$$tmp/$(CONFIGMAP)" || { \
 	  echo "make $@: $(CONFIGMAP) is not what $(ARGO) writes: run make configmap" >&2; exit 1; }; fi
 
