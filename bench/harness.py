@@ -654,6 +654,20 @@ def evaluate_targets(
         added, note = math.nan, ""
     targets.append(Target(f"added p50 plugin/naive, {low} client", added, 0.35, "max", note=note))
 
+    # The stack's floor (bench/floor.py): what the plugin's behaviour costs over the least a
+    # correct plugin on ThreadingHTTPServer + http.client does.
+    for clients, label, kind, limit in (
+        (low, "p50", "max", 1.10),
+        (high, "throughput", "min", 0.90),
+    ):
+        if runs(subject, clients) and runs("floor", clients):
+            vs_floor = compare(runs(subject, clients), runs("floor", clients))
+            measured = vs_floor.p50 if label == "p50" else vs_floor.rps
+        else:
+            measured = math.nan
+        plural = "client" if clients == 1 else "clients"
+        targets.append(Target(f"{label} plugin/floor, {clients} {plural}", measured, limit, kind))
+
     for clients in (low, high):
         if runs(subject, clients):
             s = summarise(runs(subject, clients))

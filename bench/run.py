@@ -3,6 +3,7 @@
 Paths, each its own process:
   direct  wrk -> bench/upstream.py (stdlib HTTP/1.1 keep-alive, TCP_NODELAY, one write per reply)
   plugin  wrk -> driver_plugin.py -> upstream
+  floor   wrk -> bench/floor.py (the least a correct plugin on this stack does) -> upstream
   naive   wrk -> bench/naive_proxy.py (HTTP/1.0 HTTPServer + urllib per call: the peer pattern)
   nginx   wrk -> nginx with upstream keep-alive -> upstream (the best-possible reference)
 
@@ -51,7 +52,7 @@ from bench import harness  # noqa: E402
 
 PLUGIN = REPO / "driver_plugin.py"
 RESULTS = BENCH_DIR / "results"
-ALL_PATHS = ("direct", "plugin", "naive", "nginx")
+ALL_PATHS = ("direct", "plugin", "floor", "naive", "nginx")
 LOOPBACK = "127.0.0.1"
 PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -80,7 +81,7 @@ class Settings:
 def parse_args(argv: Sequence[str] | None) -> Settings:
     parser = argparse.ArgumentParser(
         description="Latency, throughput, RSS and start-up of driver_plugin.py against the "
-        "direct path, a naive proxy and nginx (loopback only)."
+        "direct path, the floor, a naive proxy and nginx (loopback only)."
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--rounds", type=int, help="rounds per path and client count (5)")
@@ -593,11 +594,12 @@ class Bench:
             raise BenchError(f"driver_plugin.py did not start: {exc}") from exc
         return proc, port
 
-    def start_naive(self) -> None:
+    def start_proxy(self, name: str, script: str) -> None:
+        """One of the reference proxies in bench/ (naive_proxy.py, floor.py) on a free port."""
         port = free_port()
         cmd = [
             sys.executable,
-            str(BENCH_DIR / "naive_proxy.py"),
+            str(BENCH_DIR / script),
             "--port",
             str(port),
             "--upstream",
@@ -605,9 +607,9 @@ class Bench:
             "--token-file",
             str(self.token_file),
         ]
-        proc = self.procs.start("naive", cmd)
+        proc = self.procs.start(name, cmd)
         wait_ready(self.procs, proc, port, None)
-        self.endpoints.append(Endpoint("naive", port, proc))
+        self.endpoints.append(Endpoint(name, port, proc))
 
     def start_nginx(self, binary: str) -> None:
         port = free_port()
@@ -1008,7 +1010,8 @@ def run(settings: Settings) -> int:
             )
     if "plugin" in settings.paths and not PLUGIN.exists():
         log(
-            f"{PLUGIN.name} does not exist; run with --paths direct,naive,nginx to bench without it"
+            f"{PLUGIN.name} does not exist; run with --paths direct,floor,naive,nginx "
+            "to bench without it"
         )
         return 2
     if "plugin" in settings.paths:
@@ -1054,8 +1057,10 @@ def run(settings: Settings) -> int:
             if "plugin" in settings.paths:
                 proc, port = bench.start_plugin()
                 bench.endpoints.append(Endpoint("plugin", port, proc))
+            if "floor" in settings.paths:
+                bench.start_proxy("floor", "floor.py")
             if "naive" in settings.paths:
-                bench.start_naive()
+                bench.start_proxy("naive", "naive_proxy.py")
             if "nginx" in settings.paths:
                 if nginx_bin is None:
                     bench.notes.append("nginx is missing and could not be installed: no row")
