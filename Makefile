@@ -6,7 +6,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 IMAGE  ?= driver-plugin:0.1.0
 
-.PHONY: demo test lint typecheck pytest configmap check-configmap conformance image e2e bench clean
+.PHONY: demo test lint typecheck pytest configmap check-configmap conformance loop image e2e bench clean
 
 # Go is for the harnesses that run Argo's own code, never for the product.
 GO           ?= go
@@ -77,17 +77,38 @@ $(BUILD)/conformance/agent-%: conformance/agent.go conformance/agent-%/argo.go c
 	@$(GO_PREFLIGHT)
 	cd conformance/agent-$* && $(GO) build -trimpath -o $(abspath $@) .
 
+## loop: KFP-shaped workflows through a real kube-apiserver, Argo's controller and agent, and the
+## plugin, with a pod runner standing in for the kubelet (loop/run.py says what is real; needs Go, root)
+LOOP_KUBE := $(BUILD)/loop/kube
+loop: $(LOOP_KUBE) $(ARGO_BIN)/workflow-controller $(ARGO_BIN)/argoexec
+	$(PYTHON) loop/run.py --kube $(LOOP_KUBE) --argo-bin $(ARGO_BIN) --argo-version $(ARGO_VERSION) --go $(GO)
+
+## $(LOOP_KUBE): etcd, kube-apiserver, kube-controller-manager and kubectl in one binary (loop/kube)
+$(LOOP_KUBE): loop/kube/go.mod loop/kube/go.sum $(wildcard loop/kube/*.go)
+	@$(GO_PREFLIGHT)
+	cd loop/kube && $(GO) build -trimpath -o $(abspath $@) .
+
 ## $(ARGO_BIN)/argo: Argo's `argo executor-plugin` command alone (tools/argo-cli/main.go says why
 ## `go install .../cmd/argo` cannot build the whole CLI)
 $(ARGO_BIN)/argo: tools/argo-cli/go.mod tools/argo-cli/go.sum tools/argo-cli/main.go
 	@$(GO_PREFLIGHT)
 	cd tools/argo-cli && $(GO) build -o $(abspath $@) .
 
-## $(ARGO_BIN)/<cmd>: Argo's own argoexec or workflow-controller, built by `go install
-## <module>/cmd/<cmd>@$(ARGO_VERSION)`: its own go.mod (v4 has no replace directives), as released
-$(ARGO_BIN)/%: conformance/agent-v4/go.mod
+## $(ARGO_BIN)/<cmd>: Argo's own argoexec or workflow-controller, built from the released module
+## with its own go.mod (v4 has no replace directives) in a copy of its tree. The copy is there for
+## one file: in Argo's repository workflow/executor/osspecific/signal_linux.go is a symlink to
+## signal_darwin.go, module zips leave symlinks out, and without it argoexec fails on Linux with
+## "undefined: Setpgid" (`go install ...@version` cannot build it; `-overlay` may not touch the
+## module cache). The copy puts that one link back; nothing else changes.
+ARGO_SOURCE := $(BUILD)/argo-$(ARGO_VERSION)-source
+$(ARGO_SOURCE)/go.mod: conformance/agent-v4/go.mod
 	@$(GO_PREFLIGHT)
-	GOBIN=$(abspath $(ARGO_BIN)) $(GO) install github.com/argoproj/argo-workflows/v4/cmd/$*@$(ARGO_VERSION)
+	rm -rf $(ARGO_SOURCE) && dir=$$($(GO) mod download -json github.com/argoproj/argo-workflows/v4@$(ARGO_VERSION) | \
+	  sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p') && cp -R "$$dir" $(ARGO_SOURCE) && chmod -R u+w $(ARGO_SOURCE)
+	ln -s signal_darwin.go $(ARGO_SOURCE)/workflow/executor/osspecific/signal_linux.go
+
+$(ARGO_BIN)/%: $(ARGO_SOURCE)/go.mod
+	cd $(ARGO_SOURCE) && $(GO) build -trimpath -o $(abspath $@) ./cmd/$*
 
 clean:
 	rm -rf $(VENV) $(BUILD) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results
