@@ -1,0 +1,1059 @@
+#!/usr/bin/env python3
+"""make loop: KFP-shaped workflows through the real Argo controller, agent and our plugin.
+
+What is real (each the released program, built from the Go module proxy, see Makefile):
+
+* etcd, kube-apiserver (RBAC on, service-account tokens signed and checked for real),
+  kube-controller-manager (only the token controllers: it fills the token Secrets that
+  rbac.yaml declares and that Argo mounts) and kubectl, all from k8s.io/kubernetes
+  (loop/kube);
+* Argo's CRDs and controller RBAC from the argo-workflows/v4 module's manifests, applied with
+  kubectl as an operator applies the release, then our controller RBAC fix, rbac.yaml, the
+  profile stand-ins and the generated plugin ConfigMap;
+* workflow-controller, run with the command, args and env of the Deployment the manifests
+  created, authenticated as its own service account (so Argo's ClusterRole decides what it
+  may do);
+* inside the agent pod: `argoexec agent init`, `argoexec agent main` (the workflow service
+  account's token from its Secret, so the apiserver's RBAC decides what the agent may do) and
+  driver_plugin.py; upstream, mock_driver_server.py.
+
+What stands in for the rest of a cluster (the pod runner below, for agent pods only): the
+scheduler (it binds the pod to node "loop"), the kubelet (it writes the pod's volumes, runs
+each container as a process with the pod spec's command, env and uid in a mount namespace of
+its own so that /var/run/argo and the service-account directory are where the spec puts them,
+reports container states through the status subresource, and on deletion sends SIGTERM), the
+container images (a table mapping each image to a local program), and cluster DNS (the pod's
+/etc/hosts maps the driver Service's name to the mock's loopback address). No executor pods
+are run: every workflow here is chosen so that the agent pod is its only pod.
+
+Usage: loop/run.py --kube BIN --argo-bin DIR --argo-version VERSION [--keep DIR]
+Exit status 0 when every workflow ended as expected; a table of expected/observed on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import shlex
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = "kubeflow-user-example-com"
+ARGO_NAMESPACE = "argo"
+# The driver Service plugin.yaml names (DRIVER_PLUGIN_UPSTREAM) and where the mock listens.
+DRIVER_HOST = "ml-pipeline-driver.kubeflow"
+MOCK_ADDRESS = ("127.0.0.9", 8080)
+PLUGIN_UID = 8737
+PLUGIN_ACCOUNT = "driver-plugin-executor-plugin"  # rbac.yaml
+WORKFLOW_ACCOUNT = "default-editor"  # the account KFP runs profile workflows as
+
+Json = dict[str, Any]
+
+
+class LoopError(Exception):
+    """The loop could not run or a workflow did not end as expected."""
+
+
+# Processes ###################################################################################
+
+
+class Processes:
+    """Every process the loop starts, each logging to <workdir>/logs/<name>.log."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True)
+        self._running: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        # --pdeathsig: nothing outlives the harness, even when it is killed.
+        process = subprocess.Popen(
+            ["setpriv", "--pdeathsig", "KILL", "--", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+        )
+        log.close()
+        self._running.append((name, process))
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self._running):
+            self.stop(process)
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        path = self.logs / f"{name}.log"
+        if not path.exists():
+            return f"(no {path.name})"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+    """Poll probe() until it returns something truthy; LoopError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = probe()
+        except (OSError, LoopError) as error:
+            last_error = error
+        else:
+            if result:
+                return result
+        time.sleep(interval)
+    raise LoopError(
+        f"timed out after {timeout:.0f} s waiting for {what}"
+        + (f" ({last_error})" if last_error else "")
+    )
+
+
+# The API ####################################################################################
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How one identity reaches the apiserver: a client certificate or a bearer token."""
+
+    server: str
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    token: str | None = None
+    namespace: str = "default"
+
+    def kubeconfig(self, path: Path) -> Path:
+        user: Json = (
+            {"token": self.token}
+            if self.token
+            else {"client-certificate": str(self.cert), "client-key": str(self.key)}
+        )
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "loop",
+                    "cluster": {"server": self.server, "certificate-authority": str(self.ca)},
+                }
+            ],
+            "users": [{"name": "loop", "user": user}],
+            "contexts": [
+                {
+                    "name": "loop",
+                    "context": {"cluster": "loop", "user": "loop", "namespace": self.namespace},
+                }
+            ],
+            "current-context": "loop",
+        }
+        path.write_text(json.dumps(config))
+        path.chmod(0o600)
+        return path
+
+
+class Api:
+    """JSON over HTTPS to the apiserver, as one identity."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self.credentials = credentials
+        self._url = urllib.parse.urlsplit(credentials.server)
+        self._tls = ssl.create_default_context(cafile=str(credentials.ca))
+        if credentials.cert and credentials.key:
+            self._tls.load_cert_chain(str(credentials.cert), str(credentials.key))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Json | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Json]:
+        connection = http.client.HTTPSConnection(
+            self._url.hostname or "", self._url.port, context=self._tls, timeout=30
+        )
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        if self.credentials.token:
+            headers["Authorization"] = f"Bearer {self.credentials.token}"
+        try:
+            connection.request(
+                method, path, json.dumps(body) if body is not None else None, headers
+            )
+            response = connection.getresponse()
+            raw = response.read()
+        finally:
+            connection.close()
+        try:
+            decoded = json.loads(raw) if raw else {}
+        except ValueError:
+            decoded = {"message": raw.decode(errors="replace")}
+        return response.status, decoded
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Json | None = None,
+        content_type: str = "application/json",
+    ) -> Json:
+        status, decoded = self.request(method, path, body, content_type)
+        if status >= 300:
+            raise LoopError(f"{method} {path}: {status} {decoded.get('message', '')}")
+        return decoded
+
+    def get(self, path: str) -> Json | None:
+        status, decoded = self.request("GET", path)
+        if status == 404:
+            return None
+        if status >= 300:
+            raise LoopError(f"GET {path}: {status} {decoded.get('message', '')}")
+        return decoded
+
+    def token(self, namespace: str, account: str, bound_pod: Json | None = None) -> str:
+        """A TokenRequest, as the kubelet makes for a projected token (bound to a pod if given)."""
+        spec: Json = {"audiences": [], "expirationSeconds": 3600}
+        if bound_pod is not None:
+            spec["boundObjectRef"] = {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "name": bound_pod["metadata"]["name"],
+                "uid": bound_pod["metadata"]["uid"],
+            }
+        answer = self.call(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
+            {"spec": spec},
+        )
+        return str(answer["status"]["token"])
+
+
+# The cluster ################################################################################
+
+
+@dataclass
+class Cluster:
+    """etcd, kube-apiserver and kube-controller-manager from loop/kube, on loopback."""
+
+    kube: Path
+    workdir: Path
+    processes: Processes
+    pki: Path = field(init=False)
+    admin: Credentials = field(init=False)
+
+    def start(self) -> Api:
+        self.pki = self.workdir / "pki"
+        self.pki.mkdir()
+        self.run("pki", str(self.pki))
+        client, peer, secure = free_port(), free_port(), free_port()
+        etcd_url = f"http://127.0.0.1:{client}"
+        self.processes.start(
+            "etcd",
+            [
+                str(self.kube),
+                "etcd",
+                str(self.workdir / "etcd"),
+                etcd_url,
+                f"http://127.0.0.1:{peer}",
+            ],
+        )
+        pki = self.pki
+        self.processes.start(
+            "kube-apiserver",
+            [
+                str(self.kube), "kube-apiserver",
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                f"--secure-port={secure}", f"--cert-dir={pki}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--enable-priority-and-fairness=false",
+            ],
+        )  # fmt: skip
+        self.admin = Credentials(
+            f"https://127.0.0.1:{secure}", pki / "ca.crt", pki / "admin.crt", pki / "admin.key"
+        )
+        api = Api(self.admin)
+        wait_for("kube-apiserver /readyz", lambda: api.request("GET", "/readyz")[0] == 200, 120)
+        admin_config = self.admin.kubeconfig(self.workdir / "admin.kubeconfig")
+        self.processes.start(
+            "kube-controller-manager",
+            [
+                str(self.kube), "kube-controller-manager",
+                f"--kubeconfig={admin_config}", "--leader-elect=false", "--secure-port=0",
+                "--controllers=serviceaccount-token,serviceaccount",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+            ],
+        )  # fmt: skip
+        return api
+
+    def run(self, *args: str, stdin: str | None = None) -> str:
+        done = subprocess.run(
+            [str(self.kube), *args], input=stdin, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise LoopError(
+                f"kube {shlex.join(args)}: {done.stderr.strip() or done.stdout.strip()}"
+            )
+        return done.stdout
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        return self.run(
+            "kubectl", f"--kubeconfig={self.workdir / 'admin.kubeconfig'}", *args, stdin=stdin
+        )
+
+
+# The pod runner #############################################################################
+
+
+@dataclass(frozen=True)
+class Image:
+    """What an image stands for: a command, files to bind into the container, a workdir."""
+
+    entrypoint: tuple[str, ...]  # when the container has no command
+    files: Mapping[str, Path]  # path in the container -> local file
+    workdir: str = "/"
+    commands: Mapping[str, str] = field(default_factory=dict)  # command[0] -> path in the container
+
+
+@dataclass
+class RunningPod:
+    name: str
+    uid: str
+    directory: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    terminating: bool = False
+
+
+class PodRunner(threading.Thread):
+    """The scheduler and the kubelet for agent pods in one namespace (see the module docstring)."""
+
+    POLL = 0.2
+
+    def __init__(
+        self,
+        api: Api,
+        namespace: str,
+        images: Mapping[str, Image],
+        workdir: Path,
+        processes: Processes,
+    ) -> None:
+        super().__init__(name="pod-runner", daemon=True)
+        self.api = api
+        self.namespace = namespace
+        self.images = images
+        self.workdir = workdir
+        self.processes = processes
+        self.pods: dict[str, RunningPod] = {}
+        self.specs: dict[str, Json] = {}  # every agent pod seen, by name, as created
+        self.errors: list[str] = []
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.wait(self.POLL):
+            try:
+                self.sync()
+            except (OSError, LoopError) as error:
+                self.errors.append(f"pod runner: {error}")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()
+        for pod in list(self.pods.values()):
+            self.kill(pod)
+
+    def sync(self) -> None:
+        listing = self.api.call(
+            "GET",
+            f"/api/v1/namespaces/{self.namespace}/pods?labelSelector=workflows.argoproj.io%2Fcomponent%3Dagent",
+        )
+        seen = set()
+        for pod in listing.get("items", []):
+            name = pod["metadata"]["name"]
+            seen.add(name)
+            running = self.pods.get(name)
+            if running is None:
+                self.specs.setdefault(name, pod)
+                running = self.pods[name] = RunningPod(
+                    name, pod["metadata"]["uid"], self.workdir / "pods" / name
+                )
+                try:
+                    self.start_pod(pod, running)
+                except (
+                    OSError,
+                    LoopError,
+                ) as error:  # once per pod: a kubelet would not retry either
+                    self.errors.append(f"pod {name}: {error}")
+            elif pod["metadata"].get("deletionTimestamp") and not running.terminating:
+                running.terminating = True
+                threading.Thread(target=self.terminate, args=(running,), daemon=True).start()
+            else:
+                self.report(pod, running)
+        for name in set(self.pods) - seen:
+            self.kill(self.pods.pop(name))
+
+    # Scheduling and status ####
+
+    def start_pod(self, pod: Json, running: RunningPod) -> None:
+        name, directory = running.name, running.directory
+        directory.mkdir(parents=True)
+        self.api.call(
+            "POST",
+            f"/api/v1/namespaces/{self.namespace}/pods/{name}/binding",
+            {
+                "apiVersion": "v1",
+                "kind": "Binding",
+                "metadata": {"name": name},
+                "target": {"kind": "Node", "name": "loop"},
+            },
+        )
+        volumes = self.write_volumes(pod, directory)
+        hosts = directory / "hosts"
+        hosts.write_text(
+            f"127.0.0.1\tlocalhost\n127.0.0.1\t{name}\n"
+            f"{MOCK_ADDRESS[0]}\t{DRIVER_HOST} {DRIVER_HOST}.svc {DRIVER_HOST}.svc.cluster.local\n"
+        )
+        self.patch_status(pod, "Pending", {})
+        for container in pod["spec"].get("initContainers", []):
+            process = self.start_container(pod, container, volumes, hosts, running)
+            if process.wait(120) != 0:
+                self.patch_status(
+                    pod, "Failed", {container["name"]: ("terminated", process.returncode)}
+                )
+                return
+        for container in pod["spec"]["containers"]:
+            self.start_container(pod, container, volumes, hosts, running)
+        self.report(pod, running)
+
+    def report(self, pod: Json, running: RunningPod) -> None:
+        states = {}
+        for name, process in running.processes.items():
+            code = process.poll()
+            states[name] = ("running", None) if code is None else ("terminated", code)
+        current = {s["name"]: s for s in pod.get("status", {}).get("containerStatuses", [])}
+        changed = any(
+            ("terminated" in current.get(name, {}).get("state", {})) != (state == "terminated")
+            for name, (state, _) in states.items()
+        )
+        if pod.get("status", {}).get("phase") != "Running" or changed:
+            self.patch_status(pod, "Running", states)
+
+    def patch_status(
+        self, pod: Json, phase: str, states: Mapping[str, tuple[str, int | None]]
+    ) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        statuses = []
+        for container in pod["spec"]["containers"]:
+            state, code = states.get(container["name"], ("waiting", None))
+            detail: Json = (
+                {"startedAt": now}
+                if state == "running"
+                else {"exitCode": code, "finishedAt": now}
+                if state == "terminated"
+                else {"reason": "ContainerCreating"}
+            )
+            statuses.append(
+                {
+                    "name": container["name"],
+                    "image": container["image"],
+                    "imageID": "",
+                    "ready": state == "running",
+                    "restartCount": 0,
+                    "started": state == "running",
+                    "state": {state: detail},
+                }
+            )
+        body = {
+            "status": {
+                "phase": phase,
+                "hostIP": "127.0.0.1",
+                "podIP": "127.0.0.1",
+                "startTime": now,
+                "containerStatuses": statuses,
+            }
+        }
+        self.api.call(
+            "PATCH",
+            f"/api/v1/namespaces/{self.namespace}/pods/{pod['metadata']['name']}/status",
+            body,
+            "application/merge-patch+json",
+        )
+
+    # Volumes and containers ####
+
+    def write_volumes(self, pod: Json, directory: Path) -> dict[str, Path]:
+        volumes: dict[str, Path] = {}
+        for volume in pod["spec"].get("volumes", []):
+            path = directory / "volumes" / volume["name"]
+            path.mkdir(parents=True)
+            if "emptyDir" in volume:
+                path.chmod(0o777)  # as the kubelet makes an emptyDir
+            elif "secret" in volume:
+                secret_path = (
+                    f"/api/v1/namespaces/{self.namespace}/secrets/{volume['secret']['secretName']}"
+                )
+
+                def filled(path: str = secret_path) -> Json | None:
+                    # The token controller fills it in; the kubelet waits for it as well.
+                    secret = self.api.get(path)
+                    return secret if secret and secret.get("data", {}).get("token") else None
+
+                secret = wait_for(f"{secret_path} with a token", filled, 60)
+                mode = volume["secret"].get("defaultMode", 0o644)
+                for key, value in secret["data"].items():
+                    (path / key).write_bytes(base64.b64decode(value))
+                    (path / key).chmod(mode)
+            else:
+                raise LoopError(
+                    f"pod {pod['metadata']['name']}: the runner cannot make volume "
+                    f"{volume['name']} ({sorted(volume)})"
+                )
+            volumes[volume["name"]] = path
+        return volumes
+
+    def start_container(
+        self,
+        pod: Json,
+        container: Json,
+        volumes: Mapping[str, Path],
+        hosts: Path,
+        running: RunningPod,
+    ) -> subprocess.Popen[bytes]:
+        image = self.images.get(container["image"])
+        if image is None:
+            raise LoopError(
+                f"pod {running.name}: no local program stands for image {container['image']}"
+            )
+        pod_context = pod["spec"].get("securityContext") or {}
+        context = container.get("securityContext") or {}
+        uid = int(context.get("runAsUser", pod_context.get("runAsUser", 0)))
+        gid = int(
+            context.get("runAsGroup", pod_context.get("runAsGroup", 0))
+        )  # no passwd entry: group 0
+        run = os.path.realpath("/var/run")
+        mounts = [f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(run)}"]
+
+        def bind(source: Path, target: str, read_only: bool) -> None:
+            target = (
+                target.replace("/var/run", run, 1) if target.startswith("/var/run/") else target
+            )
+            if not target.startswith(run + "/"):
+                raise LoopError(
+                    f"pod {running.name}: the runner only mounts under /var/run, not {target}"
+                )
+            quoted = shlex.quote(target)
+            mounts.append(
+                f"mkdir -p {quoted}"
+                if source.is_dir()
+                else f"mkdir -p $(dirname {quoted}) && touch {quoted}"
+            )
+            mounts.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}")
+            if read_only:
+                mounts.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
+
+        for mount in container.get("volumeMounts", []):
+            source = volumes[mount["name"]]
+            if mount.get("subPath"):
+                source = source / mount["subPath"]
+                source.mkdir(exist_ok=True)
+            bind(source, mount["mountPath"], bool(mount.get("readOnly")))
+        for target, source in image.files.items():
+            bind(source, target, True)
+        mounts.append(f"mount --bind {shlex.quote(str(hosts))} /etc/hosts")
+        if context.get("readOnlyRootFilesystem"):
+            mounts.append("mount -o remount,bind,ro /")
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOSTNAME": running.name,
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": self.api.credentials.server.rsplit(":", 1)[1],
+        }
+        env.update({e["name"]: e.get("value", "") for e in container.get("env", [])})
+        command = list(container.get("command") or image.entrypoint)
+        command[0] = image.commands.get(command[0], command[0])
+        argv = command + list(container.get("args", []))
+        script = " && ".join(
+            [
+                *mounts,
+                f"cd {shlex.quote(image.workdir)}",
+                "exec "
+                + shlex.join(
+                    [
+                        "setpriv",
+                        f"--reuid={uid}",
+                        f"--regid={gid}",
+                        "--clear-groups",
+                        "--pdeathsig=KILL",
+                        "env",
+                        "-i",
+                        *(f"{k}={v}" for k, v in env.items()),
+                        *argv,
+                    ]
+                ),
+            ]
+        )
+        process = self.processes.start(
+            f"{running.name}.{container['name']}",
+            ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script],
+        )
+        running.processes[container["name"]] = process
+        return process
+
+    # Deletion ####
+
+    def terminate(self, running: RunningPod) -> None:
+        """Graceful deletion: SIGTERM every container, then confirm with grace period 0."""
+        for process in running.processes.values():
+            self.processes.stop(process, grace=30)
+        self.api.request(
+            "DELETE",
+            f"/api/v1/namespaces/{self.namespace}/pods/{running.name}",
+            {"gracePeriodSeconds": 0, "preconditions": {"uid": running.uid}},
+        )
+
+    def kill(self, running: RunningPod) -> None:
+        for process in running.processes.values():
+            self.processes.stop(process, grace=5)
+
+
+# Installing, as an operator would ###########################################################
+
+
+def install(cluster: Cluster, argo_manifests: Path) -> None:
+    kubectl = cluster.kubectl
+    kubectl("create", "namespace", ARGO_NAMESPACE)
+    # Argo's full CRDs only fit through server-side apply (as for the release install.yaml).
+    kubectl(
+        "apply",
+        "--server-side",
+        "-n",
+        ARGO_NAMESPACE,
+        "-k",
+        str(argo_manifests / "cluster-install"),
+    )
+    kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    # As make e2e does: executor plugins on. A 1 s requeue (the agent's patch rate follows it)
+    # keeps each workflow to seconds instead of tens of seconds; nothing else depends on it.
+    kubectl(
+        "-n",
+        ARGO_NAMESPACE,
+        "set",
+        "env",
+        "deployment/workflow-controller",
+        "ARGO_EXECUTOR_PLUGINS=true",
+        "DEFAULT_REQUEUE_TIME=1s",
+    )
+    kubectl("apply", "-k", str(ROOT / "deploy/controller-rbac-fix/argo"))
+    kubectl("create", "namespace", PROFILE)
+    # Kubeflow's account first, as in a real profile: the token controller deletes a token
+    # Secret whose service account does not exist yet (rbac.yaml's default-editor Secret).
+    for manifest in (
+        "e2e/profile/kfp-stand-in.yaml",
+        "rbac.yaml",
+        "driver-plugin-executor-plugin-configmap.yaml",
+    ):
+        kubectl("-n", PROFILE, "apply", "-f", str(ROOT / manifest))
+
+
+def argo_manifests(go: str, version: str) -> Path:
+    """The manifests directory of the argo-workflows/v4 module, from the module cache."""
+    done = subprocess.run(
+        [go, "mod", "download", "-json", f"github.com/argoproj/argo-workflows/v4@{version}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise LoopError(
+            f"go mod download argo-workflows/v4@{version}: "
+            f"{done.stderr.strip() or done.stdout.strip()}"
+        )
+    return Path(json.loads(done.stdout)["Dir"]) / "manifests"
+
+
+def start_controller(cluster: Cluster, api: Api, argo_bin: Path, executor_image: str) -> None:
+    """workflow-controller with the Deployment's command, args and env, as its own account."""
+    deployment = api.call(
+        "GET", f"/apis/apps/v1/namespaces/{ARGO_NAMESPACE}/deployments/workflow-controller"
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    pod_name = "workflow-controller-loop"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cluster.workdir)}
+    for variable in container.get("env", []):
+        field_path = variable.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        env[variable["name"]] = (
+            pod_name if field_path == "metadata.name" else variable.get("value", "")
+        )
+    identity = Credentials(
+        api.credentials.server,
+        api.credentials.ca,
+        token=api.token(ARGO_NAMESPACE, pod["serviceAccountName"]),
+        namespace=ARGO_NAMESPACE,
+    )
+    kubeconfig = identity.kubeconfig(cluster.workdir / "controller.kubeconfig")
+    argv = [
+        str(argo_bin / container["command"][0]),
+        *container.get("args", []),
+        f"--kubeconfig={kubeconfig}",
+        f"--executor-image={executor_image}",
+    ]
+    cluster.processes.start("workflow-controller", argv, env)
+
+
+# Workflows and what they must end as #########################################################
+
+
+@dataclass(frozen=True)
+class Case:
+    """One workflow file and what the controller must record for it."""
+
+    file: str
+    phase: str
+    # display name -> (node phase, a substring of its message, outputs it must have stored)
+    nodes: Mapping[str, tuple[str, str, Mapping[str, str]]]
+    # mock call key suffix (after "<run_id>/") -> driver executions
+    executions: Mapping[str, int]
+    message: str = ""  # a substring of the workflow's status.message
+
+
+CASES = (
+    Case(
+        "root-driver.yaml",
+        "Succeeded",
+        {
+            "root-driver": (
+                "Succeeded",
+                "",
+                {"execution-id": "1", "iteration-count": "0", "condition": "nil"},
+            )
+        },
+        {"ROOT_DAG/-1": 1},
+    ),
+)
+
+
+@dataclass
+class Outcome:
+    case: Case
+    name: str = ""
+    observed: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def submit(cluster: Cluster, api: Api, case: Case, timeout: float) -> tuple[Json, Outcome]:
+    outcome = Outcome(case)
+    created = json.loads(
+        cluster.kubectl(
+            "-n", PROFILE, "create", "-o", "json", "-f", str(ROOT / "loop/workflows" / case.file)
+        )
+    )
+    outcome.name = created["metadata"]["name"]
+    path = f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{outcome.name}"
+
+    def finished() -> Json | None:
+        workflow = api.get(path)
+        return (
+            workflow
+            if workflow
+            and workflow.get("status", {}).get("phase") in ("Succeeded", "Failed", "Error")
+            else None
+        )
+
+    try:
+        workflow: Json = wait_for(
+            f"workflow {outcome.name} to finish", finished, timeout, interval=0.5
+        )
+    except LoopError as error:
+        workflow = api.get(path) or {}
+        outcome.problems.append(str(error))
+    return workflow, outcome
+
+
+def check_workflow(workflow: Json, outcome: Outcome, executions: Mapping[str, int]) -> None:
+    case, status = outcome.case, workflow.get("status", {})
+    nodes = {node.get("displayName"): node for node in status.get("nodes", {}).values()}
+    observed = [status.get("phase", "?")]
+    if status.get("phase") != case.phase:
+        outcome.problems.append(
+            f"phase {status.get('phase')!r}, expected {case.phase!r} "
+            f"(message {status.get('message')!r})"
+        )
+    if case.message not in status.get("message", ""):
+        outcome.problems.append(f"message {status.get('message')!r} lacks {case.message!r}")
+    for display, (phase, message, outputs) in case.nodes.items():
+        node = nodes.get(display)
+        if node is None:
+            outcome.problems.append(f"no node {display!r} (nodes: {sorted(n for n in nodes if n)})")
+            continue
+        observed.append(f"{display}={node.get('phase')}")
+        if node.get("phase") != phase or message not in node.get("message", ""):
+            outcome.problems.append(
+                f"node {display}: {node.get('phase')} {node.get('message', '')!r}, "
+                f"expected {phase} {message!r}"
+            )
+        stored = {p["name"]: p.get("value") for p in node.get("outputs", {}).get("parameters", [])}
+        for name, value in outputs.items():
+            if stored.get(name) != value:
+                outcome.problems.append(
+                    f"node {display}: output {name}={stored.get(name)!r}, expected {value!r}"
+                )
+    run_id = workflow["metadata"]["uid"]
+    for key, count in case.executions.items():
+        seen = executions.get(f"{run_id}/{key}", 0)
+        observed.append(f"{key} x{seen}")
+        if seen != count:
+            outcome.problems.append(f"driver call {key} executed {seen} times, expected {count}")
+    outcome.observed = " ".join(observed)
+
+
+def check_agent_pod(pod: Json, plugin_image: str) -> list[str]:
+    """The agent pod the controller built from our ConfigMap, as plugin.yaml and rbac.yaml say."""
+    problems = []
+    spec = pod["spec"]
+    names = [c["name"] for c in spec["containers"]]
+    if names != ["driver-plugin", "main"] or [
+        c["name"] for c in spec.get("initContainers", [])
+    ] != ["init"]:
+        problems.append(
+            f"containers {names}, init {[c['name'] for c in spec.get('initContainers', [])]}"
+        )
+    if spec.get("securityContext", {}).get("runAsUser") != PLUGIN_UID:
+        problems.append(
+            f"pod securityContext {spec.get('securityContext')}, expected runAsUser {PLUGIN_UID}"
+        )
+    sidecar: Json = next((c for c in spec["containers"] if c["name"] == "driver-plugin"), {})
+    if sidecar.get("image") != plugin_image or [
+        p.get("containerPort") for p in sidecar.get("ports", [])
+    ][:1] != [7581]:
+        problems.append(f"sidecar image {sidecar.get('image')}, ports {sidecar.get('ports')}")
+    if "runAsUser" in (sidecar.get("securityContext") or {}):
+        problems.append(
+            "the sidecar sets runAsUser: the token file is readable only by uid 8737 or group 0"
+        )
+    mounts = {m["mountPath"]: m for m in sidecar.get("volumeMounts", [])}
+    argo = mounts.get("/var/run/argo", {})
+    if not (argo.get("subPath") == "driver-plugin" and argo.get("readOnly")):
+        problems.append(f"sidecar /var/run/argo mount {argo}")
+    account = mounts.get("/var/run/secrets/kubernetes.io/serviceaccount")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    secret = (
+        volumes.get(account["name"], {}).get("secret", {}).get("secretName") if account else None
+    )
+    if secret != f"{PLUGIN_ACCOUNT}.service-account-token":
+        problems.append(f"sidecar service-account mount from {secret!r}")
+    main: Json = next((c for c in spec["containers"] if c["name"] == "main"), {})
+    main_mounts = {m["mountPath"]: m["name"] for m in main.get("volumeMounts", [])}
+    main_secret = (
+        volumes.get(main_mounts.get("/var/run/secrets/kubernetes.io/serviceaccount", ""), {})
+        .get("secret", {})
+        .get("secretName")
+    )
+    if main_secret != f"{WORKFLOW_ACCOUNT}.service-account-token":
+        problems.append(f"main's service-account mount from {main_secret!r}")
+    return problems
+
+
+def check_rbac(api: Api, cluster: Cluster) -> list[str]:
+    """The agent's account may watch TaskSets where rbac.yaml is applied and nowhere else."""
+    cluster.kubectl("create", "namespace", "no-driver-plugin-rbac")
+    cluster.kubectl("-n", "no-driver-plugin-rbac", "create", "serviceaccount", WORKFLOW_ACCOUNT)
+    problems = []
+    for namespace, expected in ((PROFILE, 200), ("no-driver-plugin-rbac", 403)):
+        agent = Api(
+            Credentials(
+                api.credentials.server,
+                api.credentials.ca,
+                token=api.token(namespace, WORKFLOW_ACCOUNT),
+            )
+        )
+        status, answer = agent.request(
+            "GET", f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/workflowtasksets?watch=false"
+        )
+        if status != expected:
+            problems.append(
+                f"{WORKFLOW_ACCOUNT} listing workflowtasksets in {namespace}: {status}, "
+                f"expected {expected} ({answer.get('message', '')})"
+            )
+    return problems
+
+
+# Main #######################################################################################
+
+
+def read_plugin_image() -> str:
+    for line in (ROOT / "driver-plugin-executor-plugin-configmap.yaml").read_text().splitlines():
+        if line.strip().startswith("image:"):
+            return line.split(":", 1)[1].strip()
+    raise LoopError("no image in the plugin ConfigMap")
+
+
+def mock_executions() -> Json:
+    connection = http.client.HTTPConnection(*MOCK_ADDRESS, timeout=5)
+    try:
+        connection.request("GET", "/calls")
+        return dict(json.loads(connection.getresponse().read()))
+    finally:
+        connection.close()
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    processes = Processes(workdir)
+    runner: PodRunner | None = None
+    try:
+        cluster = Cluster(args.kube, workdir, processes)
+        api = cluster.start()
+        install(cluster, argo_manifests(args.go, args.argo_version))
+        plugin_image = read_plugin_image()
+        executor_image = f"quay.io/argoproj/argoexec:{args.argo_version}"
+        python = sys.executable
+        images = {
+            executor_image: Image(
+                ("argoexec",),
+                {"/var/run/image/argoexec": args.argo_bin / "argoexec"},
+                commands={"argoexec": "/var/run/image/argoexec"},
+            ),
+            # python3 from the container's PATH: the pod's uid must be able to run it.
+            plugin_image: Image(
+                ("python3", "-m", "driver_plugin"),
+                {"/var/run/image/app/driver_plugin.py": ROOT / "driver_plugin.py"},
+                "/var/run/image/app",
+            ),
+        }
+        processes.start(
+            "mock-driver-server",
+            [
+                python,
+                str(ROOT / "mock_driver_server.py"),
+                "--host",
+                MOCK_ADDRESS[0],
+                "--port",
+                str(MOCK_ADDRESS[1]),
+            ],
+        )
+        wait_for("the mock driver server", mock_executions, 30)
+        start_controller(cluster, api, args.argo_bin, executor_image)
+        runner = PodRunner(api, PROFILE, images, workdir, processes)
+        runner.start()
+        outcomes = []
+        for case in CASES:
+            workflow, outcome = submit(cluster, api, case, args.timeout)
+            check_workflow(workflow, outcome, mock_executions())
+            pods = [
+                pod
+                for pod in runner.specs.values()
+                if pod["metadata"]["labels"].get("workflows.argoproj.io/workflow") == outcome.name
+            ]
+            if not pods:
+                outcome.problems.append("the controller created no agent pod")
+            for pod in pods:
+                outcome.problems += [f"agent pod: {p}" for p in check_agent_pod(pod, plugin_image)]
+            outcomes.append(outcome)
+        rbac = check_rbac(api, cluster)
+    except LoopError as error:
+        print(f"make loop: {error}", file=sys.stderr)
+        for name in ("kube-apiserver", "workflow-controller"):
+            print(f"--- {name} (last lines):\n{processes.tail(name)}", file=sys.stderr)
+        return 1
+    finally:
+        try:
+            if runner is not None:
+                runner.stop()
+        finally:
+            processes.stop_all()
+    failures = (
+        [f"{o.case.file}: {p}" for o in outcomes for p in o.problems]
+        + [f"rbac: {p}" for p in rbac]
+        + runner.errors
+    )
+    width = max(len(o.case.file) for o in outcomes)
+    print(f"{'workflow':<{width}}  {'expected':<10}  observed")
+    for outcome in outcomes:
+        print(
+            f"{outcome.case.file:<{width}}  {outcome.case.phase:<10}  {outcome.observed}  "
+            f"{'FAIL' if outcome.problems else 'ok'}"
+        )
+    print(f"{'rbac':<{width}}  {'200/403':<10}  {'ok' if not rbac else 'FAIL'}")
+    for failure in failures:
+        print(f"FAIL {failure}", file=sys.stderr)
+    if failures:
+        for name in sorted(p.stem for p in processes.logs.glob("*.log")):
+            print(f"--- {name} (last lines):\n{processes.tail(name, 15)}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kube", type=Path, required=True, help="the loop/kube binary")
+    parser.add_argument(
+        "--argo-bin",
+        type=Path,
+        required=True,
+        help="directory with workflow-controller and argoexec",
+    )
+    parser.add_argument(
+        "--argo-version", required=True, help="the Argo v4 release those are built from"
+    )
+    parser.add_argument(
+        "--go",
+        default="go",
+        help="the go command, to find that release's manifests (default %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=180, help="seconds per workflow (default %(default)s)"
+    )
+    parser.add_argument("--keep", type=Path, help="keep logs and state in this new directory")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print(
+            "make loop: needs root (each pod's containers run in mount namespaces of their own)",
+            file=sys.stderr,
+        )
+        return 1
+    if args.keep:
+        args.keep.mkdir(parents=True)
+        return run(args, args.keep)
+    with tempfile.TemporaryDirectory(prefix="loop-") as workdir:
+        return run(args, Path(workdir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
