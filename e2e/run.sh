@@ -238,9 +238,11 @@ deploy_mock() {
 deploy_profile() {
   step "profile namespace $PROFILE_NS: rbac.yaml and the plugin ConfigMap"
   kubectl create namespace "$PROFILE_NS"
-  # The operator's command (README, step 6), then what Kubeflow would already have created.
-  kubectl -n "$PROFILE_NS" apply -f "$ROOT/rbac.yaml"
+  # What Kubeflow would already have created, then the operator's command (README, step 6).
+  # In this order: the token controller deletes a token Secret whose service account does not
+  # exist yet, and rbac.yaml's default-editor Secret would be gone (make loop showed it).
   kubectl -n "$PROFILE_NS" apply -f "$ROOT/e2e/profile/kfp-stand-in.yaml"
+  kubectl -n "$PROFILE_NS" apply -f "$ROOT/rbac.yaml"
   with_image <"$CONFIGMAP" | kubectl -n "$PROFILE_NS" apply -f -
   local i secret token
   for secret in driver-plugin-executor-plugin.service-account-token default-editor.service-account-token; do
