@@ -58,6 +58,12 @@ ARGO_NAMESPACE = "argo"
 DRIVER_HOST = "ml-pipeline-driver.kubeflow"
 MOCK_ADDRESS = ("127.0.0.9", 8080)
 PLUGIN_UID = 8737
+# What a profile namespace gets, in this order (install() says why).
+FOR_PROFILE = (
+    "e2e/profile/kfp-stand-in.yaml",
+    "rbac.yaml",
+    "driver-plugin-executor-plugin-configmap.yaml",
+)
 PLUGIN_ACCOUNT = "driver-plugin-executor-plugin"  # rbac.yaml
 WORKFLOW_ACCOUNT = "default-editor"  # the account KFP runs profile workflows as
 
@@ -358,27 +364,30 @@ class Image:
 class RunningPod:
     name: str
     uid: str
+    namespace: str
     directory: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     terminating: bool = False
 
 
+def pod_path(pod: Json) -> str:
+    return f"/api/v1/namespaces/{pod['metadata']['namespace']}/pods/{pod['metadata']['name']}"
+
+
 class PodRunner(threading.Thread):
-    """The scheduler and the kubelet for agent pods in one namespace (see the module docstring)."""
+    """The scheduler and the kubelet for agent pods (see the module docstring)."""
 
     POLL = 0.2
 
     def __init__(
         self,
         api: Api,
-        namespace: str,
         images: Mapping[str, Image],
         workdir: Path,
         processes: Processes,
     ) -> None:
         super().__init__(name="pod-runner", daemon=True)
         self.api = api
-        self.namespace = namespace
         self.images = images
         self.workdir = workdir
         self.processes = processes
@@ -403,7 +412,7 @@ class PodRunner(threading.Thread):
     def sync(self) -> None:
         listing = self.api.call(
             "GET",
-            f"/api/v1/namespaces/{self.namespace}/pods?labelSelector=workflows.argoproj.io%2Fcomponent%3Dagent",
+            "/api/v1/pods?labelSelector=workflows.argoproj.io%2Fcomponent%3Dagent",
         )
         seen = set()
         for pod in listing.get("items", []):
@@ -412,8 +421,9 @@ class PodRunner(threading.Thread):
             running = self.pods.get(name)
             if running is None:
                 self.specs.setdefault(name, pod)
+                metadata = pod["metadata"]
                 running = self.pods[name] = RunningPod(
-                    name, pod["metadata"]["uid"], self.workdir / "pods" / name
+                    name, metadata["uid"], metadata["namespace"], self.workdir / "pods" / name
                 )
                 try:
                     self.start_pod(pod, running)
@@ -437,7 +447,7 @@ class PodRunner(threading.Thread):
         directory.mkdir(parents=True)
         self.api.call(
             "POST",
-            f"/api/v1/namespaces/{self.namespace}/pods/{name}/binding",
+            f"{pod_path(pod)}/binding",
             {
                 "apiVersion": "v1",
                 "kind": "Binding",
@@ -512,7 +522,7 @@ class PodRunner(threading.Thread):
         }
         self.api.call(
             "PATCH",
-            f"/api/v1/namespaces/{self.namespace}/pods/{pod['metadata']['name']}/status",
+            f"{pod_path(pod)}/status",
             body,
             "application/merge-patch+json",
         )
@@ -528,7 +538,8 @@ class PodRunner(threading.Thread):
                 path.chmod(0o777)  # as the kubelet makes an emptyDir
             elif "secret" in volume:
                 secret_path = (
-                    f"/api/v1/namespaces/{self.namespace}/secrets/{volume['secret']['secretName']}"
+                    f"/api/v1/namespaces/{pod['metadata']['namespace']}/secrets/"
+                    f"{volume['secret']['secretName']}"
                 )
 
                 def filled(path: str = secret_path) -> Json | None:
@@ -645,7 +656,7 @@ class PodRunner(threading.Thread):
             self.processes.stop(process, grace=30)
         self.api.request(
             "DELETE",
-            f"/api/v1/namespaces/{self.namespace}/pods/{running.name}",
+            f"/api/v1/namespaces/{running.namespace}/pods/{running.name}",
             {"gracePeriodSeconds": 0, "preconditions": {"uid": running.uid}},
         )
 
@@ -685,11 +696,7 @@ def install(cluster: Cluster, argo_manifests: Path) -> None:
     kubectl("create", "namespace", PROFILE)
     # Kubeflow's account first, as in a real profile: the token controller deletes a token
     # Secret whose service account does not exist yet (rbac.yaml's default-editor Secret).
-    for manifest in (
-        "e2e/profile/kfp-stand-in.yaml",
-        "rbac.yaml",
-        "driver-plugin-executor-plugin-configmap.yaml",
-    ):
+    for manifest in FOR_PROFILE:
         kubectl("-n", PROFILE, "apply", "-f", str(ROOT / manifest))
 
 
@@ -930,28 +937,42 @@ def check_agent_pod(pod: Json, plugin_image: str) -> list[str]:
     return problems
 
 
-def check_rbac(api: Api, cluster: Cluster) -> list[str]:
-    """The agent's account may watch TaskSets where rbac.yaml is applied and nowhere else."""
-    cluster.kubectl("create", "namespace", "no-driver-plugin-rbac")
-    cluster.kubectl("-n", "no-driver-plugin-rbac", "create", "serviceaccount", WORKFLOW_ACCOUNT)
-    problems = []
-    for namespace, expected in ((PROFILE, 200), ("no-driver-plugin-rbac", 403)):
-        agent = Api(
-            Credentials(
-                api.credentials.server,
-                api.credentials.ca,
-                token=api.token(namespace, WORKFLOW_ACCOUNT),
-            )
-        )
-        status, answer = agent.request(
-            "GET", f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/workflowtasksets?watch=false"
-        )
-        if status != expected:
-            problems.append(
-                f"{WORKFLOW_ACCOUNT} listing workflowtasksets in {namespace}: {status}, "
-                f"expected {expected} ({answer.get('message', '')})"
-            )
-    return problems
+NO_ROLE = "kubeflow-user-no-agent-role"
+
+
+def check_agent_refused(cluster: Cluster, runner: PodRunner) -> tuple[list[str], str]:
+    """In a profile where rbac.yaml's agent Role is missing, the apiserver refuses the real agent.
+
+    The namespace gets everything else (Kubeflow's account, the plugin's account and both token
+    Secrets, the ConfigMap), so the agent pod starts; `argoexec agent main`, with the workflow
+    account's real token, must then be refused its TaskSet watch and drive nothing. Returns
+    the problems and the agent's first log line that names the refusal.
+    """
+    cluster.kubectl("create", "namespace", NO_ROLE)
+    for manifest in FOR_PROFILE:
+        cluster.kubectl("-n", NO_ROLE, "apply", "-f", str(ROOT / manifest))
+    cluster.kubectl("-n", NO_ROLE, "delete", "role,rolebinding", "driver-plugin-agent")
+    created = json.loads(
+        cluster.kubectl("-n", NO_ROLE, "create", "-o", "json", "-f", str(ROOT / CASES[0].file))
+    )
+    name, uid = created["metadata"]["name"], created["metadata"]["uid"]
+
+    def refusal() -> str | None:
+        pods = [p for p in runner.specs.values() if p["metadata"]["namespace"] == NO_ROLE]
+        for pod in pods:
+            for line in cluster.processes.tail(f"{pod['metadata']['name']}.main", 200).splitlines():
+                if "forbidden" in line and "workflowtasksets" in line:
+                    return line
+        return None
+
+    try:
+        evidence: str = wait_for(f"the agent of {name} to be refused", refusal, 60)
+    except LoopError as error:
+        return [str(error)], ""
+    finally:
+        cluster.kubectl("-n", NO_ROLE, "delete", "workflow", name, "--wait=false")
+    executed = sum(n for key, n in mock_executions().items() if key.startswith(f"{uid}/"))
+    return ([f"the refused agent still drove {executed} calls"] if executed else []), evidence
 
 
 # Main #######################################################################################
@@ -1033,7 +1054,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         )
         wait_for("the mock driver server", mock_executions, 30)
         start_controller(cluster, api, args.argo_bin, executor_image)
-        runner = PodRunner(api, PROFILE, images, workdir, processes)
+        runner = PodRunner(api, images, workdir, processes)
         runner.start()
         outcomes = []
         for case in CASES:
@@ -1051,7 +1072,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             for pod in pods:
                 outcome.problems += [f"agent pod: {p}" for p in check_agent_pod(pod, plugin_image)]
             outcomes.append(outcome)
-        rbac = check_rbac(api, cluster)
+        rbac, refusal = check_agent_refused(cluster, runner)
         if mock_executions().get("_bearer_absent", 0):
             rbac.append("the plugin called the driver without its service-account token")
     except LoopError as error:
@@ -1077,7 +1098,10 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             f"{outcome.case.file:<{width}}  {outcome.case.phase:<10}  {outcome.observed}  "
             f"{'FAIL' if outcome.problems else 'ok'}"
         )
-    print(f"{'rbac':<{width}}  {'200/403':<10}  {'ok' if not rbac else 'FAIL'}")
+    refused = "FAIL" if rbac else "refused, 0 calls  ok"
+    print(f"{'agent without Role':<{width}}  {'refused':<10}  {refused}")
+    if refusal:
+        print(f"  the agent's log: {refusal[:300]}")
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
     if failures:
