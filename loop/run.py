@@ -367,6 +367,7 @@ class RunningPod:
     namespace: str
     directory: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    started: bool = False  # every container started: status follows the processes
     terminating: bool = False
 
 
@@ -425,17 +426,15 @@ class PodRunner(threading.Thread):
                 running = self.pods[name] = RunningPod(
                     name, metadata["uid"], metadata["namespace"], self.workdir / "pods" / name
                 )
+                # Once per pod, as a kubelet would not retry a pod it could not set up either.
                 try:
                     self.start_pod(pod, running)
-                except (
-                    OSError,
-                    LoopError,
-                ) as error:  # once per pod: a kubelet would not retry either
+                except (OSError, LoopError) as error:
                     self.errors.append(f"pod {name}: {error}")
             elif pod["metadata"].get("deletionTimestamp") and not running.terminating:
                 running.terminating = True
                 threading.Thread(target=self.terminate, args=(running,), daemon=True).start()
-            else:
+            elif running.started:
                 self.report(pod, running)
         for name in set(self.pods) - seen:
             self.kill(self.pods.pop(name))
@@ -464,6 +463,7 @@ class PodRunner(threading.Thread):
         self.patch_status(pod, "Pending", {})
         for container in pod["spec"].get("initContainers", []):
             process = self.start_container(pod, container, volumes, hosts, running)
+            del running.processes[container["name"]]  # done before the pod runs
             if process.wait(120) != 0:
                 self.patch_status(
                     pod, "Failed", {container["name"]: ("terminated", process.returncode)}
@@ -471,6 +471,7 @@ class PodRunner(threading.Thread):
                 return
         for container in pod["spec"]["containers"]:
             self.start_container(pod, container, volumes, hosts, running)
+        running.started = True
         self.report(pod, running)
 
     def report(self, pod: Json, running: RunningPod) -> None:
