@@ -4,9 +4,9 @@
 What is real (each the released program, built from the Go module proxy, see Makefile):
 
 * etcd, kube-apiserver (RBAC on, service-account tokens signed and checked for real),
-  kube-controller-manager (only the token controllers: it fills the token Secrets that
-  rbac.yaml declares and that Argo mounts) and kubectl, all from k8s.io/kubernetes
-  (loop/kube);
+  kube-controller-manager (only the token controllers, which fill the token Secrets that
+  rbac.yaml declares and Argo mounts, and the garbage collector, which removes the pods of a
+  deleted workflow) and kubectl, all from k8s.io/kubernetes (loop/kube);
 * Argo's CRDs and controller RBAC from the argo-workflows/v4 module's manifests, applied with
   kubectl as an operator applies the release, then our controller RBAC fix, rbac.yaml, the
   profile stand-ins and the generated plugin ConfigMap;
@@ -324,7 +324,7 @@ class Cluster:
             [
                 str(self.kube), "kube-controller-manager",
                 f"--kubeconfig={admin_config}", "--leader-elect=false", "--secure-port=0",
-                "--controllers=serviceaccount-token,serviceaccount",
+                "--controllers=serviceaccount-token,serviceaccount,garbagecollector",
                 f"--service-account-private-key-file={pki / 'sa.key'}",
                 f"--root-ca-file={pki / 'ca.crt'}",
             ],
@@ -938,6 +938,87 @@ def check_agent_pod(pod: Json, plugin_image: str) -> list[str]:
     return problems
 
 
+def check_pod_spec_patch(cluster: Cluster, api: Api) -> tuple[list[str], str]:
+    """The container driver's pod-spec-patch reaches the executor pod the controller creates.
+
+    e2e's dag-succeeds workflow with cached-decision "false": the controller must create the
+    executor pod with the image and command of the driver's patch, not the placeholders. The
+    pod is never run (no pod runner for executor pods); the workflow is deleted once its spec is
+    read, and the garbage collector removes its pods.
+    """
+    created = json.loads(
+        cluster.kubectl(
+            "-n",
+            PROFILE,
+            "create",
+            "-o",
+            "json",
+            "-f",
+            str(ROOT / "e2e/workflows/dag-succeeds.yaml"),
+        )
+    )
+    name = created["metadata"]["name"]
+    selector = urllib.parse.quote(
+        f"workflows.argoproj.io/workflow={name},workflows.argoproj.io/component!=agent"
+    )
+
+    def executor_pod() -> Json | None:
+        items = api.call("GET", f"/api/v1/namespaces/{PROFILE}/pods?labelSelector={selector}")
+        return next(iter(items.get("items", [])), None)
+
+    try:
+        pod: Json = wait_for(f"the executor pod of {name}", executor_pod, 90)
+        workflow = api.call(
+            "GET", f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{name}"
+        )
+    except LoopError as error:
+        return [str(error)], ""
+    finally:
+        cluster.kubectl("-n", PROFILE, "delete", "workflow", name, "--wait=false")
+    problems = []
+    everything = urllib.parse.quote(f"workflows.argoproj.io/workflow={name}")
+    try:  # the garbage collector deletes both pods; the runner stops the agent pod's processes
+        wait_for(
+            f"the pods of deleted {name} to go",
+            lambda: (
+                not api.call(
+                    "GET", f"/api/v1/namespaces/{PROFILE}/pods?labelSelector={everything}"
+                )["items"]
+            ),
+            60,
+        )
+    except LoopError as error:
+        problems.append(str(error))
+    driver: Json = next(
+        (n for n in workflow["status"]["nodes"].values() if n.get("displayName") == "echo-driver"),
+        {},
+    )
+    outputs = {o["name"]: o.get("value") for o in driver.get("outputs", {}).get("parameters", [])}
+    patch = json.loads(outputs.get("pod-spec-patch") or "{}").get("containers", [{}])[0]
+    main: Json = next((c for c in pod["spec"]["containers"] if c["name"] == "main"), {})
+    observed = (
+        f"main: {main.get('image')} {shlex.join([*main.get('command', []), *main.get('args', [])])}"
+    )
+    if outputs.get("cached-decision") != "false" or not patch:
+        problems.append(
+            f"echo-driver outputs {outputs}: expected a patch and cached-decision false"
+        )
+    # The controller applies the patch first and then wraps the command in Argo's emissary:
+    # what runs is `/var/run/argo/argoexec emissary ... -- <the patch's command> <its args>`.
+    command = main.get("command", [])
+    wrapped = command[command.index("--") + 1 :] if "--" in command else command
+    for key, value in (
+        ("image", main.get("image")),
+        ("command", wrapped),
+        ("args", main.get("args")),
+    ):
+        if value != patch.get(key):
+            problems.append(
+                f"executor main {key} {value!r}, the driver's patch says {patch.get(key)!r}"
+            )
+    return problems, observed
+
+
 NO_ROLE = "kubeflow-user-no-agent-role"
 
 
@@ -1073,6 +1154,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             for pod in pods:
                 outcome.problems += [f"agent pod: {p}" for p in check_agent_pod(pod, plugin_image)]
             outcomes.append(outcome)
+        patched, patched_main = check_pod_spec_patch(cluster, api)
         rbac, refusal = check_agent_refused(cluster, runner)
         if mock_executions().get("_bearer_absent", 0):
             rbac.append("the plugin called the driver without its service-account token")
@@ -1089,6 +1171,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             processes.stop_all()
     failures = (
         [f"{o.case.file}: {p}" for o in outcomes for p in o.problems]
+        + [f"pod-spec-patch: {p}" for p in patched]
         + [f"rbac: {p}" for p in rbac]
         + runner.errors
     )
@@ -1099,6 +1182,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             f"{outcome.case.file:<{width}}  {outcome.case.phase:<10}  {outcome.observed}  "
             f"{'FAIL' if outcome.problems else 'ok'}"
         )
+    patch_row = f"{patched_main}  {'FAIL' if patched else 'ok'}"
+    print(f"{'e2e/workflows/dag-succeeds.yaml':<{width}}  {'patched':<10}  {patch_row}")
     refused = "FAIL" if rbac else "refused, 0 calls  ok"
     print(f"{'agent without Role':<{width}}  {'refused':<10}  {refused}")
     if refusal:
