@@ -21,10 +21,11 @@ What stands in for the rest of a cluster (the pod runner below, for agent pods o
 scheduler (it binds the pod to node "loop"), the kubelet (it writes the pod's volumes, runs
 each container as a process with the pod spec's command, env and uid in a mount namespace of
 its own so that /var/run/argo and the service-account directory are where the spec puts them,
-reports container states through the status subresource, and on deletion sends SIGTERM), the
-container images (a table mapping each image to a local program), and cluster DNS (the pod's
-/etc/hosts maps the driver Service's name to the mock's loopback address). No executor pods
-are run: every workflow here is chosen so that the agent pod is its only pod.
+runs httpGet readiness probes, reports container states through the status subresource, and on
+deletion sends SIGTERM), the container images (a table mapping each image to a local
+program), and cluster DNS (the pod's /etc/hosts maps the driver Service's name to the mock's
+loopback address). No executor pod is run: every workflow here is chosen so that the agent pod
+is its only pod, except dag-succeeds, whose executor pod is only read.
 
 Usage: loop/run.py --kube BIN --argo-bin DIR --argo-version VERSION [--keep DIR]
 Exit status 0 when every workflow ended as expected; a table of expected/observed on stdout.
@@ -46,7 +47,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,6 +369,7 @@ class RunningPod:
     directory: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     started: bool = False  # every container started: status follows the processes
+    ever_ready: set[str] = field(default_factory=set)  # containers whose readiness probe passed
     terminating: bool = False
 
 
@@ -394,6 +396,7 @@ class PodRunner(threading.Thread):
         self.processes = processes
         self.pods: dict[str, RunningPod] = {}
         self.specs: dict[str, Json] = {}  # every agent pod seen, by name, as created
+        self.ready: dict[str, set[str]] = {}  # by pod name: the containers that became Ready
         self.errors: list[str] = []
         self._stopping = threading.Event()
 
@@ -426,6 +429,7 @@ class PodRunner(threading.Thread):
                 running = self.pods[name] = RunningPod(
                     name, metadata["uid"], metadata["namespace"], self.workdir / "pods" / name
                 )
+                self.ready[name] = running.ever_ready
                 # Once per pod, as a kubelet would not retry a pod it could not set up either.
                 try:
                     self.start_pod(pod, running)
@@ -479,16 +483,41 @@ class PodRunner(threading.Thread):
         for name, process in running.processes.items():
             code = process.poll()
             states[name] = ("running", None) if code is None else ("terminated", code)
+        ready = {
+            container["name"]
+            for container in pod["spec"]["containers"]
+            if states.get(container["name"], ("",))[0] == "running" and self.probe(container)
+        }
+        running.ever_ready |= ready
         current = {s["name"]: s for s in pod.get("status", {}).get("containerStatuses", [])}
-        changed = any(
+        changed = ready != {name for name, status in current.items() if status.get("ready")} or any(
             ("terminated" in current.get(name, {}).get("state", {})) != (state == "terminated")
             for name, (state, _) in states.items()
         )
         if pod.get("status", {}).get("phase") != "Running" or changed:
-            self.patch_status(pod, "Running", states)
+            self.patch_status(pod, "Running", states, ready)
+
+    @staticmethod
+    def probe(container: Json) -> bool:
+        """The container's readiness probe, as the kubelet runs an httpGet one (none: ready)."""
+        get = (container.get("readinessProbe") or {}).get("httpGet")
+        if not get:
+            return True
+        connection = http.client.HTTPConnection("127.0.0.1", int(get["port"]), timeout=1)
+        try:
+            connection.request("GET", get.get("path", "/"))
+            return 200 <= connection.getresponse().status < 400
+        except OSError:
+            return False
+        finally:
+            connection.close()
 
     def patch_status(
-        self, pod: Json, phase: str, states: Mapping[str, tuple[str, int | None]]
+        self,
+        pod: Json,
+        phase: str,
+        states: Mapping[str, tuple[str, int | None]],
+        ready: Set[str] = frozenset(),
     ) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         statuses = []
@@ -506,7 +535,7 @@ class PodRunner(threading.Thread):
                     "name": container["name"],
                     "image": container["image"],
                     "imageID": "",
-                    "ready": state == "running",
+                    "ready": container["name"] in ready,
                     "restartCount": 0,
                     "started": state == "running",
                     "state": {state: detail},
@@ -1153,6 +1182,11 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 outcome.problems.append("the controller created no agent pod")
             for pod in pods:
                 outcome.problems += [f"agent pod: {p}" for p in check_agent_pod(pod, plugin_image)]
+                # /readyz answers 200 once uid 8737 can read the token the real init wrote.
+                if "driver-plugin" not in runner.ready.get(pod["metadata"]["name"], set()):
+                    outcome.problems.append(
+                        "agent pod: the driver-plugin container never became Ready"
+                    )
             outcomes.append(outcome)
         patched, patched_main = check_pod_spec_patch(cluster, api)
         rbac, refusal = check_agent_refused(cluster, runner)
