@@ -778,6 +778,13 @@ class UpstreamResponse:
     problem: str = ""
 
 
+def _may_hold_surrogates(body: bytes) -> bool:
+    """False when ``json.loads(body)`` cannot hold a lone surrogate, so the re-encoding that
+    finds one is skipped: ASCII without NULs is decoded as UTF-8 (UTF-16 and UTF-32 bring NULs),
+    where only a ``\\u`` escape can make one."""
+    return not body.isascii() or b"\\u" in body or b"\x00" in body
+
+
 def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settings) -> Reply:
     """The reply table: every driver server answer maps to exactly one agent reply here.
 
@@ -814,7 +821,8 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
             "bad_reply",
         )
     try:
-        _dumps(answer)
+        if _may_hold_surrogates(body):
+            _dumps(answer)
     except UnicodeEncodeError:  # valid JSON ("\\ud800") that no UTF-8 reply can carry
         return Reply.failed(
             "driver server answered a string with a lone UTF-16 surrogate escape (such as "
