@@ -106,6 +106,7 @@ EXECUTE_PATH = "/api/v1/template.execute"
 #: Phases the Argo agent and controller understand; any other string leaves a node unfulfilled.
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Error", "Skipped", "Omitted"})
 RUNNING_PHASES = frozenset({"Pending", "Running"})
+KNOWN_PHASES = TERMINAL_PHASES | RUNNING_PHASES
 
 
 ###############################################################################
@@ -324,6 +325,7 @@ class JsonLog:
         self.threshold = _LOG_LEVELS[level]
         self.stream = sys.stderr if stream is None else stream
         self._lock = threading.Lock()
+        self._encoder = json.JSONEncoder(separators=(",", ":"), default=str)
 
     def enabled(self, level: str) -> bool:
         return _LOG_LEVELS[level] >= self.threshold
@@ -332,7 +334,7 @@ class JsonLog:
         if _LOG_LEVELS[level] < self.threshold:
             return
         record = {"ts": _utc_now(), "level": level, "msg": msg, **fields}
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        line = self._encoder.encode(record) + "\n"
         with self._lock:
             self.stream.write(line)
             self.stream.flush()
@@ -532,8 +534,12 @@ class Reply:
         return cls(status, body, outcome, content_type="text/plain; charset=utf-8", close=close)
 
 
+#: Built once: json.dumps with any argument builds a new encoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _dumps(document: Any) -> bytes:
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(document).encode()
 
 
 NOT_MINE = Reply(200, b"{}", "foreign")
@@ -556,7 +562,7 @@ def parameter_value(value: Any) -> str:
         return value
     if value is None:
         return ""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 _JSON_PATH_STEP = re.compile(
@@ -659,7 +665,7 @@ def normalise_node(
 ) -> Reply:
     """Make a driver server's node safe for the agent: valid phase, string values, Go requeue."""
     phase = node.get("phase")
-    if not isinstance(phase, str) or phase not in TERMINAL_PHASES | RUNNING_PHASES:
+    if not isinstance(phase, str) or phase not in KNOWN_PHASES:
         return Reply.failed(
             f"driver server answered a node without a valid phase (phase={phase!r})", "bad_reply"
         )
