@@ -60,6 +60,7 @@ Use as a program: ``python3 driver_plugin.py [flags]``. Use as a library (vendor
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import email.message
 import errno
@@ -369,10 +370,7 @@ class Metrics:
             self.calls[outcome] = self.calls.get(outcome, 0) + 1
 
     def observe_upstream(self, seconds: float) -> None:
-        index = next(
-            (i for i, bound in enumerate(self.UPSTREAM_BUCKETS) if seconds <= bound),
-            len(self.UPSTREAM_BUCKETS),
-        )
+        index = bisect.bisect_left(self.UPSTREAM_BUCKETS, seconds)  # the first bound >= seconds
         with self._lock:
             self.bucket_counts[index] += 1
             self.upstream_sum += seconds
@@ -738,9 +736,9 @@ def _fill_declared_defaults(node: dict[str, Any], template: dict[str, Any]) -> l
     present = {p["name"] for p in parameters}
     missing = []
     for parameter in declared:
-        default = _declared_default(parameter)
         if parameter["name"] in present:
             continue
+        default = _declared_default(parameter)
         if default is _MISSING:
             missing.append(parameter["name"])
         else:
