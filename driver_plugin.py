@@ -60,6 +60,7 @@ Use as a program: ``python3 driver_plugin.py [flags]``. Use as a library (vendor
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import email.message
 import errno
@@ -106,6 +107,7 @@ EXECUTE_PATH = "/api/v1/template.execute"
 #: Phases the Argo agent and controller understand; any other string leaves a node unfulfilled.
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Error", "Skipped", "Omitted"})
 RUNNING_PHASES = frozenset({"Pending", "Running"})
+KNOWN_PHASES = TERMINAL_PHASES | RUNNING_PHASES
 
 
 ###############################################################################
@@ -324,6 +326,7 @@ class JsonLog:
         self.threshold = _LOG_LEVELS[level]
         self.stream = sys.stderr if stream is None else stream
         self._lock = threading.Lock()
+        self._encoder = json.JSONEncoder(separators=(",", ":"), default=str)
 
     def enabled(self, level: str) -> bool:
         return _LOG_LEVELS[level] >= self.threshold
@@ -332,7 +335,7 @@ class JsonLog:
         if _LOG_LEVELS[level] < self.threshold:
             return
         record = {"ts": _utc_now(), "level": level, "msg": msg, **fields}
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        line = self._encoder.encode(record) + "\n"
         with self._lock:
             self.stream.write(line)
             self.stream.flush()
@@ -367,10 +370,7 @@ class Metrics:
             self.calls[outcome] = self.calls.get(outcome, 0) + 1
 
     def observe_upstream(self, seconds: float) -> None:
-        index = next(
-            (i for i, bound in enumerate(self.UPSTREAM_BUCKETS) if seconds <= bound),
-            len(self.UPSTREAM_BUCKETS),
-        )
+        index = bisect.bisect_left(self.UPSTREAM_BUCKETS, seconds)  # the first bound >= seconds
         with self._lock:
             self.bucket_counts[index] += 1
             self.upstream_sum += seconds
@@ -532,8 +532,12 @@ class Reply:
         return cls(status, body, outcome, content_type="text/plain; charset=utf-8", close=close)
 
 
+#: Built once: json.dumps with any argument builds a new encoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _dumps(document: Any) -> bytes:
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(document).encode()
 
 
 NOT_MINE = Reply(200, b"{}", "foreign")
@@ -556,7 +560,7 @@ def parameter_value(value: Any) -> str:
         return value
     if value is None:
         return ""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 _JSON_PATH_STEP = re.compile(
@@ -659,7 +663,7 @@ def normalise_node(
 ) -> Reply:
     """Make a driver server's node safe for the agent: valid phase, string values, Go requeue."""
     phase = node.get("phase")
-    if not isinstance(phase, str) or phase not in TERMINAL_PHASES | RUNNING_PHASES:
+    if not isinstance(phase, str) or phase not in KNOWN_PHASES:
         return Reply.failed(
             f"driver server answered a node without a valid phase (phase={phase!r})", "bad_reply"
         )
@@ -732,9 +736,9 @@ def _fill_declared_defaults(node: dict[str, Any], template: dict[str, Any]) -> l
     present = {p["name"] for p in parameters}
     missing = []
     for parameter in declared:
-        default = _declared_default(parameter)
         if parameter["name"] in present:
             continue
+        default = _declared_default(parameter)
         if default is _MISSING:
             missing.append(parameter["name"])
         else:
@@ -778,6 +782,13 @@ class UpstreamResponse:
     problem: str = ""
 
 
+def _may_hold_surrogates(body: bytes) -> bool:
+    """False when ``json.loads(body)`` cannot hold a lone surrogate, so the re-encoding that
+    finds one is skipped: ASCII without NULs is decoded as UTF-8 (UTF-16 and UTF-32 bring NULs),
+    where only a ``\\u`` escape can make one."""
+    return not body.isascii() or b"\\u" in body or b"\x00" in body
+
+
 def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settings) -> Reply:
     """The reply table: every driver server answer maps to exactly one agent reply here.
 
@@ -814,7 +825,8 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
             "bad_reply",
         )
     try:
-        _dumps(answer)
+        if _may_hold_surrogates(body):
+            _dumps(answer)
     except UnicodeEncodeError:  # valid JSON ("\\ud800") that no UTF-8 reply can carry
         return Reply.failed(
             "driver server answered a string with a lone UTF-16 surrogate escape (such as "

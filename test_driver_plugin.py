@@ -1078,7 +1078,12 @@ def test_a_declared_output_with_no_value_and_no_default_fails_naming_it(
 
 @pytest.mark.parametrize(
     "answer",
-    [b'{"x": "\\ud800"}', b'{"node": {"phase": "Succeeded", "message": "\\udfff"}}'],
+    [
+        b'{"x": "\\ud800"}',
+        b'{"node": {"phase": "Succeeded", "message": "\\udfff"}}',
+        b'{"x": "\xed\xa0\x80"}',  # the surrogate's own bytes: json.loads lets them pass
+        '{"x": "\\ud800"}'.encode("utf-16-le"),  # json.loads reads UTF-16 too
+    ],
 )
 def test_a_lone_surrogate_is_a_bad_reply_not_an_internal_error(
     start: Callable[..., Plugin], driver: FakeDriver, answer: bytes
