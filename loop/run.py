@@ -59,6 +59,8 @@ ARGO_NAMESPACE = "argo"
 DRIVER_HOST = "ml-pipeline-driver.kubeflow"
 MOCK_ADDRESS = ("127.0.0.9", 8080)
 PLUGIN_UID = 8737
+# The passwd entries of the distroless bases both images use (root, nonroot, nobody).
+DISTROLESS_GROUPS = {0: 0, 65532: 65532, 65534: 65534}
 # What a profile namespace gets, in this order (install() says why).
 FOR_PROFILE = (
     "e2e/profile/kfp-stand-in.yaml",
@@ -550,12 +552,11 @@ class PodRunner(threading.Thread):
                 "containerStatuses": statuses,
             }
         }
-        self.api.call(
-            "PATCH",
-            f"{pod_path(pod)}/status",
-            body,
-            "application/merge-patch+json",
-        )
+        path = f"{pod_path(pod)}/status"
+        status, answer = self.api.request("PATCH", path, body, "application/merge-patch+json")
+        # 404: the pod went between the listing and this patch (deleted with grace period 0).
+        if status >= 300 and status != 404:
+            raise LoopError(f"PATCH {path}: {status} {answer.get('message', '')}")
 
     # Volumes and containers ####
 
@@ -606,9 +607,10 @@ class PodRunner(threading.Thread):
         pod_context = pod["spec"].get("securityContext") or {}
         context = container.get("securityContext") or {}
         uid = int(context.get("runAsUser", pod_context.get("runAsUser", 0)))
-        gid = int(
-            context.get("runAsGroup", pod_context.get("runAsGroup", 0))
-        )  # no passwd entry: group 0
+        # Without runAsGroup the runtime takes the uid's group from the image's /etc/passwd,
+        # and group 0 for a uid it does not list (8737 in Argo's and our images).
+        group = context.get("runAsGroup", pod_context.get("runAsGroup"))
+        gid = int(group) if group is not None else DISTROLESS_GROUPS.get(uid, 0)
         run = os.path.realpath("/var/run")
         mounts = [f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(run)}"]
 
