@@ -250,16 +250,9 @@ class Api:
             raise LoopError(f"GET {path}: {status} {decoded.get('message', '')}")
         return decoded
 
-    def token(self, namespace: str, account: str, bound_pod: Json | None = None) -> str:
-        """A TokenRequest, as the kubelet makes for a projected token (bound to a pod if given)."""
+    def token(self, namespace: str, account: str) -> str:
+        """A service-account token from the TokenRequest API (for the controller, say)."""
         spec: Json = {"audiences": [], "expirationSeconds": 3600}
-        if bound_pod is not None:
-            spec["boundObjectRef"] = {
-                "kind": "Pod",
-                "apiVersion": "v1",
-                "name": bound_pod["metadata"]["name"],
-                "uid": bound_pod["metadata"]["uid"],
-            }
         answer = self.call(
             "POST",
             f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
@@ -348,6 +341,13 @@ class Cluster:
         return self.run(
             "kubectl", f"--kubeconfig={self.workdir / 'admin.kubeconfig'}", *args, stdin=stdin
         )
+
+    def create_workflow(self, namespace: str, file: str) -> Json:
+        """kubectl create a workflow file of this repository; the object as created."""
+        created: Json = json.loads(
+            self.kubectl("-n", namespace, "create", "-o", "json", "-f", str(ROOT / file))
+        )
+        return created
 
 
 # The pod runner #############################################################################
@@ -860,9 +860,7 @@ class Outcome:
 
 def submit(cluster: Cluster, api: Api, case: Case, timeout: float) -> tuple[Json, Outcome]:
     outcome = Outcome(case)
-    created = json.loads(
-        cluster.kubectl("-n", PROFILE, "create", "-o", "json", "-f", str(ROOT / case.file))
-    )
+    created = cluster.create_workflow(PROFILE, case.file)
     outcome.name = created["metadata"]["name"]
     path = f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{outcome.name}"
 
@@ -977,17 +975,7 @@ def check_pod_spec_patch(cluster: Cluster, api: Api) -> tuple[list[str], str]:
     pod is never run (no pod runner for executor pods); the workflow is deleted once its spec is
     read, and the garbage collector removes its pods.
     """
-    created = json.loads(
-        cluster.kubectl(
-            "-n",
-            PROFILE,
-            "create",
-            "-o",
-            "json",
-            "-f",
-            str(ROOT / "e2e/workflows/dag-succeeds.yaml"),
-        )
-    )
+    created = cluster.create_workflow(PROFILE, "e2e/workflows/dag-succeeds.yaml")
     name = created["metadata"]["name"]
     selector = urllib.parse.quote(
         f"workflows.argoproj.io/workflow={name},workflows.argoproj.io/component!=agent"
@@ -1065,9 +1053,7 @@ def check_agent_refused(cluster: Cluster, runner: PodRunner) -> tuple[list[str],
     for manifest in FOR_PROFILE:
         cluster.kubectl("-n", NO_ROLE, "apply", "-f", str(ROOT / manifest))
     cluster.kubectl("-n", NO_ROLE, "delete", "role,rolebinding", "driver-plugin-agent")
-    created = json.loads(
-        cluster.kubectl("-n", NO_ROLE, "create", "-o", "json", "-f", str(ROOT / CASES[0].file))
-    )
+    created = cluster.create_workflow(NO_ROLE, CASES[0].file)
     name, uid = created["metadata"]["name"], created["metadata"]["uid"]
 
     def refusal() -> str | None:
