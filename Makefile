@@ -80,8 +80,11 @@ $(BUILD)/conformance/agent-%: conformance/agent.go conformance/agent-%/argo.go c
 ## loop: KFP-shaped workflows through a real kube-apiserver, Argo's controller and agent, and the
 ## plugin, with a pod runner standing in for the kubelet (loop/run.py says what is real; needs Go, root)
 LOOP_KUBE := $(BUILD)/loop/kube
-loop: $(LOOP_KUBE) $(ARGO_BIN)/workflow-controller $(ARGO_BIN)/argoexec
-	$(PYTHON) loop/run.py --kube $(LOOP_KUBE) --argo-bin $(ARGO_BIN) --argo-version $(ARGO_VERSION) --go $(GO)
+LOOP_LINES := $(ARGO_VERSION) $(ARGO_V3_VERSION)
+loop: $(LOOP_KUBE) $(foreach v,$(LOOP_LINES),$(BUILD)/argo-$(v)/workflow-controller $(BUILD)/argo-$(v)/argoexec)
+	for version in $(LOOP_LINES); do \
+	  $(PYTHON) loop/run.py --kube $(LOOP_KUBE) --argo-bin $(BUILD)/argo-$$version --argo-version $$version --go $(GO) || exit 1; \
+	done
 
 ## $(LOOP_KUBE): etcd, kube-apiserver, kube-controller-manager and kubectl in one binary (loop/kube)
 $(LOOP_KUBE): loop/kube/go.mod loop/kube/go.sum $(wildcard loop/kube/*.go)
@@ -94,21 +97,27 @@ $(ARGO_BIN)/argo: tools/argo-cli/go.mod tools/argo-cli/go.sum tools/argo-cli/mai
 	@$(GO_PREFLIGHT)
 	cd tools/argo-cli && $(GO) build -o $(abspath $@) .
 
-## $(ARGO_BIN)/<cmd>: Argo's own argoexec or workflow-controller, built from the released module
-## with its own go.mod (v4 has no replace directives) in a copy of its tree. The copy is there for
-## one file: in Argo's repository workflow/executor/osspecific/signal_linux.go is a symlink to
-## signal_darwin.go, module zips leave symlinks out, and without it argoexec fails on Linux with
-## "undefined: Setpgid" (`go install ...@version` cannot build it; `-overlay` may not touch the
-## module cache). The copy puts that one link back; nothing else changes.
-ARGO_SOURCE := $(BUILD)/argo-$(ARGO_VERSION)-source
-$(ARGO_SOURCE)/go.mod: conformance/agent-v4/go.mod
+## $(BUILD)/argo-<version>/<cmd>: Argo's own argoexec or workflow-controller, built from the
+## released module (v4 or v3, from the version) with its own go.mod, in a copy of its tree. The
+## copy is there for one file: in Argo's repository workflow/executor/osspecific/signal_linux.go
+## is a symlink to signal_darwin.go, module zips leave symlinks out, and without it argoexec fails
+## on Linux with "undefined: Setpgid" (`go install ...@version` cannot build it; `-overlay` may not
+## touch the module cache). The copy puts that one link back; nothing else changes.
+$(BUILD)/argo-%/source/go.mod: conformance/agent-v4/go.mod conformance/agent-v3/go.mod
 	@$(GO_PREFLIGHT)
-	rm -rf $(ARGO_SOURCE) && dir=$$($(GO) mod download -json github.com/argoproj/argo-workflows/v4@$(ARGO_VERSION) | \
-	  sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p') && cp -R "$$dir" $(ARGO_SOURCE) && chmod -R u+w $(ARGO_SOURCE)
-	ln -s signal_darwin.go $(ARGO_SOURCE)/workflow/executor/osspecific/signal_linux.go
+	rm -rf $(@D) && mkdir -p $(dir $(@D)) && \
+	  dir=$$($(GO) mod download -json github.com/argoproj/argo-workflows/$(firstword $(subst ., ,$*))@$* | \
+	  sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p') && cp -R "$$dir" $(@D) && chmod -R u+w $(@D)
+	ln -s signal_darwin.go $(@D)/workflow/executor/osspecific/signal_linux.go
 
-$(ARGO_BIN)/%: $(ARGO_SOURCE)/go.mod
-	cd $(ARGO_SOURCE) && $(GO) build -trimpath -o $(abspath $@) ./cmd/$*
+# Not an intermediate file that make may delete once the binaries are built.
+.PRECIOUS: $(BUILD)/argo-%/source/go.mod
+
+$(BUILD)/argo-%/workflow-controller: $(BUILD)/argo-%/source/go.mod
+	cd $(<D) && $(GO) build -trimpath -o $(abspath $@) ./cmd/workflow-controller
+
+$(BUILD)/argo-%/argoexec: $(BUILD)/argo-%/source/go.mod
+	cd $(<D) && $(GO) build -trimpath -o $(abspath $@) ./cmd/argoexec
 
 clean:
 	rm -rf $(VENV) $(BUILD) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results

@@ -7,9 +7,9 @@ What is real (each the released program, built from the Go module proxy, see Mak
   kube-controller-manager (only the token controllers, which fill the token Secrets that
   rbac.yaml declares and Argo mounts, and the garbage collector, which removes the pods of a
   deleted workflow) and kubectl, all from k8s.io/kubernetes (loop/kube);
-* Argo's CRDs and controller RBAC from the argo-workflows/v4 module's manifests, applied with
-  kubectl as an operator applies the release, then our controller RBAC fix, rbac.yaml, the
-  profile stand-ins and the generated plugin ConfigMap;
+* Argo's CRDs and controller RBAC from the argo-workflows module's manifests (v4 or v3, the
+  release given), applied with kubectl as an operator applies the release, then our
+  controller RBAC fix, the profile stand-ins, rbac.yaml and the generated plugin ConfigMap;
 * workflow-controller, run with the command, args and env of the Deployment the manifests
   created, authenticated as its own service account (so Argo's ClusterRole decides what it
   may do);
@@ -733,18 +733,16 @@ def install(cluster: Cluster, argo_manifests: Path) -> None:
 
 
 def argo_manifests(go: str, version: str) -> Path:
-    """The manifests directory of the argo-workflows/v4 module, from the module cache."""
+    """The manifests directory of that argo-workflows release (v4 or v3), from the module cache."""
+    module = f"github.com/argoproj/argo-workflows/{version.partition('.')[0]}@{version}"
     done = subprocess.run(
-        [go, "mod", "download", "-json", f"github.com/argoproj/argo-workflows/v4@{version}"],
+        [go, "mod", "download", "-json", module],
         capture_output=True,
         text=True,
         check=False,
     )
     if done.returncode != 0:
-        raise LoopError(
-            f"go mod download argo-workflows/v4@{version}: "
-            f"{done.stderr.strip() or done.stdout.strip()}"
-        )
+        raise LoopError(f"go mod download {module}: {done.stderr.strip() or done.stdout.strip()}")
     return Path(json.loads(done.stdout)["Dir"]) / "manifests"
 
 
@@ -1228,7 +1226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="directory with workflow-controller and argoexec",
     )
     parser.add_argument(
-        "--argo-version", required=True, help="the Argo v4 release those are built from"
+        "--argo-version", required=True, help="the Argo release (v4 or v3) those are built from"
     )
     parser.add_argument(
         "--go",
