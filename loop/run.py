@@ -39,6 +39,7 @@ import http.client
 import json
 import os
 import shlex
+import shutil
 import socket
 import ssl
 import subprocess
@@ -1243,6 +1244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "make loop: needs root (each pod's containers run in mount namespaces of their own)",
             file=sys.stderr,
         )
+        return 1
+    missing = [tool for tool in ("unshare", "setpriv", "mount") if shutil.which(tool) is None]
+    if missing:
+        print(f"make loop: needs {', '.join(missing)} from util-linux on PATH", file=sys.stderr)
         return 1
     if args.keep:
         args.keep.mkdir(parents=True)
