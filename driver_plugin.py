@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import email.message
 import errno
 import functools
 import hashlib
@@ -776,8 +775,8 @@ class UpstreamResponse:
     status: int
     reason: str
     body: bytes
-    #: The answer's headers; looked at only on the rows that quote them.
-    headers: email.message.Message = field(default_factory=email.message.Message)
+    #: The answer's header fields (lower-case names); looked at only on the rows that quote them.
+    headers: Mapping[str, str] = field(default_factory=dict)
     #: Set when the exchange produced no usable answer (not HTTP, too large).
     problem: str = ""
 
@@ -803,7 +802,7 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
         raise UpstreamUnavailable(f"driver server answered {described}: {_quote(body)}")
     if 300 <= status < 400:
         return Reply.failed(
-            f"driver server redirected ({described}) to {response.headers.get('Location')!r}; "
+            f"driver server redirected ({described}) to {response.headers.get('location')!r}; "
             "redirects are not followed: check --upstream",
             "bad_reply",
         )
@@ -821,7 +820,7 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
     if not isinstance(answer, dict):
         return Reply.failed(
             f"driver server answered 200 with something that is not a JSON object "
-            f"(Content-Type {response.headers.get('Content-Type', 'none')!r}): {_quote(body)}",
+            f"(Content-Type {response.headers.get('content-type', 'none')!r}): {_quote(body)}",
             "bad_reply",
         )
     try:
@@ -848,8 +847,83 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
 ###############################################################################
 
 
+class DriverAnswer(http.client.HTTPResponse):
+    """One answer of the driver server: its head read here, its body by http.client.
+
+    http.client parses a head into an email Message, a sixth of a call's CPU; this reads it into
+    a dict of lower-case names (the first value of each) with http.client's limits, and frames
+    the body more strictly: an answer that could be read two ways (two Content-Lengths, a length
+    beside Transfer-Encoding, a coding other than chunked) is not HTTP. The body is read by
+    http.client as ever: by Content-Length, chunked, or up to the close.
+    """
+
+    max_line = 65536
+    max_fields = 100
+    fields: dict[str, str]
+    chunked: bool
+    chunk_left: int | None
+    length: int | None
+    will_close: bool
+
+    def begin(self) -> None:
+        status = 100
+        while 100 <= status < 200:  # interim answers (100 Continue, 103 Early Hints) come first
+            version, status, reason = self._status_line()
+            fields = self._head_fields()
+        self.code = self.status = status
+        self.reason, self.fields = reason, fields
+        self.version = 10 if version == "HTTP/1.0" else 11
+        coding, length = fields.get("transfer-encoding"), fields.get("content-length")
+        if coding is not None and (coding.lower() != "chunked" or length is not None):
+            raise http.client.HTTPException("ambiguous or unknown Transfer-Encoding")
+        if length is not None and not (length.isascii() and length.isdigit()):
+            raise http.client.HTTPException("Content-Length is not a number")
+        self.chunked, self.chunk_left = coding is not None, None
+        self.length = 0 if status in (204, 304) else None if length is None else int(length)
+        connection = fields.get("connection", "").lower()
+        keep_alive = "close" not in connection if self.version == 11 else "keep-alive" in connection
+        self.will_close = not keep_alive or (self.length is None and not self.chunked)
+
+    def _status_line(self) -> tuple[str, int, str]:
+        line = self.fp.readline(self.max_line + 1)
+        if len(line) > self.max_line:
+            raise http.client.LineTooLong("status line")
+        if not line:
+            raise http.client.RemoteDisconnected("closed without an answer")
+        version, _, rest = line.decode("iso-8859-1").rstrip("\r\n").partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not (version.startswith("HTTP/1.") and code.isascii() and code.isdigit()) or not (
+            len(code) == 3 and code[0] != "0"
+        ):
+            raise http.client.BadStatusLine("not an HTTP/1 status line")
+        return version, int(code), reason.strip()
+
+    def _head_fields(self) -> dict[str, str]:
+        fields: dict[str, str] = {}
+        for _ in range(self.max_fields + 1):
+            line = self.fp.readline(self.max_line + 1)
+            if len(line) > self.max_line:
+                raise http.client.LineTooLong("header line")
+            if line in (b"\r\n", b"\n"):
+                return fields
+            if not line.endswith(b"\n"):
+                raise http.client.IncompleteRead(b"")  # closed mid-head
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if not colon or not name or name != name.strip():  # no name, or obsolete folding
+                raise http.client.HTTPException("malformed header line")
+            name, value = name.lower(), value.strip()
+            if name not in fields:
+                fields[name] = value
+            elif name in ("content-length", "transfer-encoding") and fields[name] != value:
+                raise http.client.HTTPException(f"two different {name} fields")
+        raise http.client.HTTPException(f"more than {self.max_fields} header lines")
+
+
 class Upstream:
-    """Keep-alive connections to the driver server, checked out one per call (lock-free list)."""
+    """Keep-alive connections to the driver server, checked out one per call (lock-free list).
+
+    A call is written in one send: a head built once at start-up, its own few fields, the body.
+    """
 
     #: Idle connections kept; more are closed after use.
     max_idle = 32
@@ -860,9 +934,16 @@ class Upstream:
     def __init__(self, settings: Settings) -> None:
         url = urllib.parse.urlsplit(settings.upstream)
         self.host = url.hostname or ""
-        self.port = url.port or (443 if url.scheme == "https" else 80)
-        self.path = url.path.rstrip("/") + EXECUTE_PATH
+        default_port = 443 if url.scheme == "https" else 80
+        self.port = url.port or default_port
         self.netloc = url.netloc
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        authority = host if self.port == default_port else f"{host}:{self.port}"
+        self.head = (
+            f"POST {url.path.rstrip('/')}{EXECUTE_PATH} HTTP/1.1\r\nHost: {authority}\r\n"
+            f"Accept-Encoding: identity\r\nContent-Type: application/json\r\n"
+            f"User-Agent: driver-plugin/{__version__}\r\n"
+        ).encode("ascii")
         self.context: ssl.SSLContext | None = None
         if url.scheme == "https":
             self.context = ssl.create_default_context()
@@ -871,93 +952,108 @@ class Upstream:
                     self.context.load_verify_locations(cafile=settings.ca_file)
                 except (OSError, ssl.SSLError) as error:
                     raise ConfigError(f"--ca-file {settings.ca_file}: {error}") from None
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[socket.socket] = []
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        """An idle keep-alive connection (and True), or a new one (and False)."""
+    def _idle_connection(self) -> socket.socket | None:
         while self._idle:
             try:
-                connection = self._idle.pop()
+                sock = self._idle.pop()
             except IndexError:  # another thread took the last one
                 break
             # Readable while idle means the server closed it (or sent junk): never reuse that.
-            if connection.sock is not None and not _wait_readable(connection.sock, 0):
-                return connection, True
-            connection.close()
-        if self.context is not None:
-            return http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.io_timeout, context=self.context
-            ), False
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.io_timeout), False
+            if not _wait_readable(sock, 0):
+                return sock
+            sock.close()
+        return None
 
-    def release(self, connection: http.client.HTTPConnection) -> None:
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), self.io_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.context is not None:
+                return self.context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def release(self, sock: socket.socket) -> None:
         if len(self._idle) < self.max_idle:
-            self._idle.append(connection)
+            self._idle.append(sock)
         else:
-            connection.close()
+            sock.close()
 
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
 
-    def send(
-        self, body: bytes, headers: dict[str, str], deadline: float
-    ) -> tuple[http.client.HTTPConnection, bool]:
+    def send(self, body: bytes, fields: bytes, deadline: float) -> tuple[socket.socket, bool]:
         """Send the call; return the connection once the answer has started, or False if not yet.
 
-        A reused keep-alive connection that the server closed just now fails while sending; that
-        attempt is repeated once on a fresh connection, since nothing reached the driver.
+        ``fields`` are the call's own header lines. A reused keep-alive connection that the
+        server closed just now fails while sending; that attempt is repeated once on a fresh
+        connection, since nothing reached the driver.
         """
+        message = b"%s%sContent-Length: %d\r\n\r\n%s" % (self.head, fields, len(body), body)
         for _ in range(2):
-            connection, reused = self._connection()
+            sock = self._idle_connection()
+            reused = sock is not None
             try:
-                connection.request("POST", self.path, body, headers)
-                return connection, _wait_readable(connection.sock, deadline - time.monotonic())
+                if sock is None:
+                    sock = self._connect()
+                sock.sendall(message)
+                return sock, _wait_readable(sock, deadline - time.monotonic())
             except (ConnectionResetError, BrokenPipeError) as error:
-                connection.close()
+                if sock is not None:
+                    sock.close()
                 if reused:
                     continue
                 raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
-            except (OSError, http.client.HTTPException) as error:
-                connection.close()
+            except OSError as error:
+                if sock is not None:
+                    sock.close()
                 raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
-            except Exception:
-                connection.close()
+            except BaseException:
+                if sock is not None:
+                    sock.close()
                 raise
         raise UpstreamUnavailable(f"driver server at {self.netloc} keeps closing connections")
 
     def receive(
-        self, connection: http.client.HTTPConnection, limit: int, timeout: float | None = None
+        self, sock: socket.socket, limit: int, timeout: float | None = None
     ) -> UpstreamResponse:
         """Read the answer on a connection from :meth:`send`; release or close it afterwards.
 
         ``timeout`` replaces ``io_timeout`` for this answer only (a slow call's, in the background).
         """
+        answer = DriverAnswer(sock, method="POST")
         try:
             if timeout is not None:
-                connection.sock.settimeout(max(timeout, 0.001))
-            response = connection.getresponse()
-            body = response.read(limit + 1)
-            if len(body) <= limit and response.length:  # a sized read does not raise this itself
-                raise http.client.IncompleteRead(body, response.length)
+                sock.settimeout(max(timeout, 0.001))
+            answer.begin()
+            body = answer.read(limit + 1)
+            if len(body) <= limit and answer.length:  # a sized read does not raise this itself
+                raise http.client.IncompleteRead(body, answer.length)
             if timeout is not None:
-                connection.sock.settimeout(self.io_timeout)
+                sock.settimeout(self.io_timeout)
         except (OSError, http.client.IncompleteRead) as error:
-            connection.close()
+            sock.close()
             raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
         except http.client.HTTPException as error:
-            connection.close()
+            sock.close()
             problem = describe_transport_error(error, self.netloc)
             return UpstreamResponse(0, "", b"", problem=problem)
+        finally:
+            answer.close()  # its file only: the socket is closed or kept below
         if len(body) > limit:
-            connection.close()
+            sock.close()
             problem = f"driver server answer is larger than --max-body ({limit} bytes)"
-            return UpstreamResponse(response.status, response.reason, b"", problem=problem)
-        if response.will_close:
-            connection.close()
+            return UpstreamResponse(answer.status, answer.reason, b"", problem=problem)
+        if answer.will_close:
+            sock.close()
         else:
-            self.release(connection)
-        return UpstreamResponse(response.status, response.reason, body, response.msg)
+            self.release(sock)
+        return UpstreamResponse(answer.status, answer.reason, body, answer.fields)
 
 
 def _wait_readable(sock: socket.socket, timeout: float) -> bool:
@@ -1588,16 +1684,13 @@ class PluginServer(ThreadingHTTPServer):
         )
         return Reply.failed(f"driver-plugin internal error ({kind}); see its log", "internal")
 
-    def _upstream_headers(self, request_id: str) -> dict[str, str]:
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": f"driver-plugin/{__version__}",
-            "X-Request-ID": request_id,
-        }
+    def _upstream_fields(self, request_id: str) -> bytes:
+        """The header lines a call adds to the upstream head: its id, the pod's identity."""
+        fields = b"X-Request-ID: " + request_id.encode() + b"\r\n"
         # Without a token (warned once at start-up) the driver server decides what to allow.
-        with contextlib.suppress(SecretUnavailable):
-            headers["Authorization"] = "Bearer " + self.sa_token.read().decode("ascii", "replace")
-        return headers
+        with contextlib.suppress(SecretUnavailable):  # its characters were checked on reading
+            fields += b"Authorization: Bearer " + self.sa_token.read() + b"\r\n"
+        return fields
 
     def _ask(
         self,
@@ -1610,13 +1703,13 @@ class PluginServer(ThreadingHTTPServer):
         fields: dict[str, Any],
     ) -> Reply | None:
         """Ask the driver server, retrying transient failures briefly; None once detached."""
-        headers = self._upstream_headers(request_id)
+        call_fields = self._upstream_fields(request_id)
         retry_until = min(deadline, time.monotonic() + self.transient_retry_budget)
         pause = self.first_retry_pause
         while True:
             began = time.monotonic()
             try:
-                connection, answering = self.upstream.send(body, headers, deadline)
+                connection, answering = self.upstream.send(body, call_fields, deadline)
                 if not answering:
                     self._detach(call, connection, template, began, request_id)
                     return None
@@ -1633,7 +1726,7 @@ class PluginServer(ThreadingHTTPServer):
     def _answer(
         self,
         call: Call,
-        connection: http.client.HTTPConnection,
+        connection: socket.socket,
         template: dict[str, Any],
         began: float,
         timeout: float | None = None,
@@ -1648,7 +1741,7 @@ class PluginServer(ThreadingHTTPServer):
     def _detach(
         self,
         call: Call,
-        connection: http.client.HTTPConnection,
+        connection: socket.socket,
         template: dict[str, Any],
         began: float,
         request_id: str,

@@ -172,6 +172,7 @@ class Answer:
     body: bytes = b'{"node":{"phase":"Succeeded"}}'
     headers: dict[str, str] = field(default_factory=dict)
     raw: bytes | None = None  # written as is instead of an HTTP reply, then closed
+    keep_open: bool = False  # after ``raw``: serve the next call on this connection
     close: bool = False  # close the connection without answering
     gate: threading.Event | None = None  # wait for it before answering
 
@@ -185,6 +186,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: bytes
+    peer: int  # the plugin's port: one per upstream connection
 
 
 class FakeDriver:
@@ -202,7 +204,9 @@ class FakeDriver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                fake.seen.append(Seen(self.path, dict(self.headers.items()), body))
+                fake.seen.append(
+                    Seen(self.path, dict(self.headers.items()), body, self.client_address[1])
+                )
                 fake.received.release()
                 answer = fake.script(body)
                 if answer.gate is not None:
@@ -212,7 +216,7 @@ class FakeDriver:
                         self.close_connection = True
                     elif answer.raw is not None:
                         self.wfile.write(answer.raw)
-                        self.close_connection = True
+                        self.close_connection = not answer.keep_open
                     else:
                         self.send_response(answer.status)
                         for name, value in answer.headers.items():
@@ -1182,6 +1186,141 @@ def test_an_answer_that_is_not_http_fails(start: Callable[..., Plugin], driver: 
     driver.script = lambda body: Answer(raw=b"SSH-2.0-OpenSSH_9.6\r\n")
     view = start().agent(agent_call())
     assert view.phase == "Failed" and "not HTTP" in view.message
+
+
+SUCCEEDED = b'{"node":{"phase":"Succeeded"}}'
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"a\r\n" + SUCCEEDED[:10] + b"\r\n14\r\n" + SUCCEEDED[10:] + b"\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n" + SUCCEEDED,
+        b"HTTP/1.0 200 OK\r\n\r\n" + SUCCEEDED,  # delimited by the close
+    ],
+    ids=["chunked", "interim-100", "until-close"],
+)
+def test_every_framing_of_an_answer_is_read(
+    start: Callable[..., Plugin], driver: FakeDriver, raw: bytes
+) -> None:
+    driver.script = lambda body: Answer(raw=raw)
+    assert start().agent(agent_call()).phase == "Succeeded"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Content-Length: 30\r\nContent-Length: 31\r\n",
+        b"Content-Length: 30\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: gzip\r\n",
+        b"Content-Length: +30\r\n",
+        b"Content-Length: 30\r\nX-Folded: a\r\n b\r\n",
+        b"X-Many: 1\r\n" * 101 + b"Content-Length: 30\r\n",
+    ],
+    ids=["two-lengths", "length-and-chunked", "gzip", "signed-length", "folded", "101-fields"],
+)
+def test_an_answer_that_could_be_read_two_ways_is_not_http(
+    start: Callable[..., Plugin], driver: FakeDriver, head: bytes
+) -> None:
+    driver.script = lambda body: Answer(raw=b"HTTP/1.1 200 OK\r\n" + head + b"\r\n" + SUCCEEDED)
+    view = start().agent(agent_call())
+    assert view.phase == "Failed" and "not HTTP (HTTPException)" in view.message
+
+
+def test_an_answer_cut_mid_head_is_asked_again(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    answers = iter([Answer(raw=b"HTTP/1.1 200 OK\r\nContent-Le")])
+    driver.script = lambda body: next(answers, Answer())
+    assert start().agent(agent_call()).phase == "Succeeded"
+    assert len(driver.seen) == 2
+
+
+def test_calls_share_a_keep_alive_connection_unless_the_driver_closes_it(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 30\r\n\r\n" + SUCCEEDED
+    answers = iter([Answer(), Answer(raw=closing, keep_open=True), Answer()])
+    driver.script = lambda body: next(answers)
+    plugin = start(result_ttl=0.0)
+    for _ in range(3):
+        assert plugin.agent(agent_call()).phase == "Succeeded"
+    first, second, third = (seen.peer for seen in driver.seen)
+    assert first == second != third  # the plugin closed the connection the driver asked to close
+
+
+def test_the_upstream_head_is_what_http_client_would_send(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    body = agent_call()
+    start().execute(body)
+    [seen] = driver.seen
+    port = driver.url.rsplit(":", 1)[1]
+    assert seen.headers == {
+        "Host": f"127.0.0.1:{port}",
+        "Accept-Encoding": "identity",
+        "Content-Type": "application/json",
+        "User-Agent": f"driver-plugin/{dp.__version__}",
+        "X-Request-ID": seen.headers["X-Request-ID"],
+        "Authorization": f"Bearer {SA_TOKEN}",
+        "Content-Length": str(len(body)),
+    }
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("https://driver.kubeflow", "driver.kubeflow"),
+        ("https://driver.kubeflow:8443", "driver.kubeflow:8443"),
+        ("http://driver:80/base/", "driver"),
+        ("http://[fd00::1]:8080", "[fd00::1]:8080"),
+    ],
+)
+def test_the_host_field_names_the_port_only_when_it_is_not_the_default(
+    tmp_path: Path, url: str, host: str
+) -> None:
+    upstream = dp.Upstream(dp.Settings(upstream=url, token_file=str(tmp_path / "t")))
+    assert f"\r\nHost: {host}\r\n".encode() in upstream.head
+
+
+@pytest.fixture(scope="session")
+def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (and no name) and its key."""
+    directory = tmp_path_factory.mktemp("tls")
+    certificate, key = directory / "driver.pem", directory / "driver.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=driver"),
+            *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-keyout", str(key), "-out", str(certificate)),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return certificate, key
+
+
+def test_an_https_driver_server_is_verified_by_certificate_and_name(
+    start: Callable[..., Plugin], driver: FakeDriver, tls_certificate: tuple[Path, Path]
+) -> None:
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*tls_certificate)
+    driver.server.socket = context.wrap_socket(driver.server.socket, server_side=True)
+    url = driver.url.replace("http://", "https://")
+    trusting = start(upstream=url, ca_file=str(tls_certificate[0]), result_ttl=0.0)
+    for _ in range(2):
+        assert trusting.agent(agent_call()).phase == "Succeeded"
+    assert driver.seen[0].peer == driver.seen[1].peer  # one TLS connection, kept alive
+    view = start(upstream=url).agent(agent_call())
+    assert view.phase == "Pending" and "TLS failed: self-signed certificate" in view.message
+    wrong_name = url.replace("127.0.0.1", "localhost")
+    view = start(upstream=wrong_name, ca_file=str(tls_certificate[0])).agent(agent_call())
+    assert view.phase == "Pending" and "TLS failed: Hostname mismatch" in view.message
+    assert len(driver.seen) == 2
 
 
 ###############################################################################
