@@ -1571,6 +1571,10 @@ class PluginServer(ThreadingHTTPServer):
     #: tying up threads by the hundred (each may idle for ``idle_timeout``). The agent connects
     #: over loopback, which is never turned away, so such a peer cannot lock it out.
     max_connections = 256
+    #: Of those, the most one address may hold. A slow client cut at its deadline can reconnect
+    #: at once; capped per address, it takes only its share, and the kubelet's probes (from the
+    #: node's address) still find a slot. The agent's 16 workers come over loopback.
+    max_connections_per_peer = 16
 
     def __init__(
         self,
@@ -1594,6 +1598,7 @@ class PluginServer(ThreadingHTTPServer):
         self._active = 0
         self._idle = threading.Condition()
         self._connections = 0
+        self._peers: dict[str, int] = {}  # connections held, by address
         self._count_lock = threading.Lock()
         self.watchdog = Watchdog()
         self._ids = iter(range(1, sys.maxsize))
@@ -1602,11 +1607,16 @@ class PluginServer(ThreadingHTTPServer):
         super().__init__((settings.host, settings.port), handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        loopback = str(client_address[0]) in ("127.0.0.1", "::1")
+        peer = str(client_address[0])
+        loopback = peer in ("127.0.0.1", "::1")
         with self._count_lock:
-            accepted = loopback or self._connections < self.max_connections
+            held = self._peers.get(peer, 0)
+            accepted = loopback or (
+                self._connections < self.max_connections and held < self.max_connections_per_peer
+            )
             if accepted:
                 self._connections += 1
+                self._peers[peer] = held + 1
         if accepted:
             super().process_request(request, client_address)
         else:
@@ -1616,8 +1626,12 @@ class PluginServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            peer = str(client_address[0])
             with self._count_lock:
                 self._connections -= 1
+                self._peers[peer] -= 1
+                if not self._peers[peer]:
+                    del self._peers[peer]
 
     def server_close(self) -> None:
         super().server_close()

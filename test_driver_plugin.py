@@ -1633,6 +1633,31 @@ def test_connections_past_max_connections_are_closed_unless_from_loopback(
             sock.close()
 
 
+def test_one_address_holds_at_most_its_share_of_the_external_slots(
+    start: Callable[..., Plugin],
+) -> None:
+    plugin = start()
+    plugin.server.max_connections_per_peer = 2
+
+    def healthz_from(source: str) -> socket.socket:
+        sock = socket.create_connection(
+            ("127.0.0.1", plugin.port), timeout=10, source_address=(source, 0)
+        )
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        return sock
+
+    held = [healthz_from("127.0.0.2") for _ in range(2)]  # a client that reconnects at once
+    try:
+        assert all(sock.recv(100).startswith(b"HTTP/1.1 200 OK") for sock in held)
+        with healthz_from("127.0.0.2") as extra, contextlib.suppress(ConnectionResetError):
+            assert extra.recv(100) == b""  # its third: closed unanswered
+        with healthz_from("127.0.0.3") as probe:  # the kubelet, from the node's address
+            assert probe.recv(100).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def trickle(sock: socket.socket, stop: threading.Event, limit: int = 400) -> bool:
     """Send a request head a byte every 50 ms, as a slowloris does; True once the plugin hangs
     up (False if it was still listening after ``limit`` bytes, or ``stop`` was set)."""
