@@ -1607,20 +1607,19 @@ def test_an_idle_or_stalled_connection_is_dropped(token_file: Path) -> None:
         thread.join(10)
 
 
+def connect_from(port: int, source: str) -> socket.socket:
+    """A connection to the plugin from another loopback address: a peer outside the pod."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+
+
 def test_connections_past_max_connections_are_closed_unless_from_loopback(
     start: Callable[..., Plugin],
 ) -> None:
     plugin = start()
     plugin.server.max_connections = 2
-
-    def connect_from(source: str) -> socket.socket:
-        return socket.create_connection(
-            ("127.0.0.1", plugin.port), timeout=10, source_address=(source, 0)
-        )
-
-    held = [connect_from("127.0.0.2") for _ in range(2)]  # a peer on the pod network, say
+    held = [connect_from(plugin.port, "127.0.0.2") for _ in range(2)]  # a pod network peer
     try:
-        with connect_from("127.0.0.2") as extra:
+        with connect_from(plugin.port, "127.0.0.2") as extra:
             extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             with contextlib.suppress(ConnectionResetError):
                 assert extra.recv(100) == b""  # closed unanswered
@@ -1640,9 +1639,7 @@ def test_one_address_holds_at_most_its_share_of_the_external_slots(
     plugin.server.max_connections_per_peer = 2
 
     def healthz_from(source: str) -> socket.socket:
-        sock = socket.create_connection(
-            ("127.0.0.1", plugin.port), timeout=10, source_address=(source, 0)
-        )
+        sock = connect_from(plugin.port, source)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         return sock
 
