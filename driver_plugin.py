@@ -263,6 +263,8 @@ class Settings:
             raise ConfigError(
                 f"--upstream must be an http:// or https:// URL, got {self.upstream!r}"
             )
+        if not re.fullmatch(r"[!-~]*", url.path):  # it goes into every request line as is
+            raise ConfigError(f"--upstream path must be printable ASCII, got {url.path!r}")
         if not self.plugin_name:
             raise ConfigError("--plugin-name must not be empty")
 
@@ -892,9 +894,8 @@ class DriverAnswer(http.client.HTTPResponse):
             raise http.client.RemoteDisconnected("closed without an answer")
         version, _, rest = line.decode("iso-8859-1").rstrip("\r\n").partition(" ")
         code, _, reason = rest.partition(" ")
-        if not (version.startswith("HTTP/1.") and code.isascii() and code.isdigit()) or not (
-            len(code) == 3 and code[0] != "0"
-        ):
+        well_formed = len(code) == 3 and code.isascii() and code.isdigit() and code[0] != "0"
+        if not (version.startswith("HTTP/1.") and well_formed):
             raise http.client.BadStatusLine("not an HTTP/1 status line")
         return version, int(code), reason.strip()
 

@@ -405,6 +405,8 @@ def test_environment_is_read_and_flags_win() -> None:
         (["--port", "70000"], {}, "not a TCP port"),
         (["--max-body", "8 potatoes"], {}, "not a size"),
         (["--upstream", "ftp://x"], {}, "http:// or https://"),
+        (["--upstream", "http://driver/base path"], {}, "path must be printable ASCII"),
+        (["--upstream", "http://driver/caf\u00e9"], {}, "path must be printable ASCII"),
         (["--log-level", "loud"], {}, "unknown log level"),
         (["--nonsense"], {}, "unrecognized arguments"),
     ],
