@@ -849,6 +849,15 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
 ###############################################################################
 
 
+def header_field(line: bytes) -> tuple[str, str] | None:
+    """One header line as (lower-case name, value), or None if malformed: no colon, no name, or
+    whitespace around the name (obsolete line folding). Both directions parse heads with it."""
+    name, colon, value = line.decode("iso-8859-1").partition(":")
+    if not colon or not name or name != name.strip():
+        return None
+    return name.lower(), value.strip()
+
+
 class DriverAnswer(http.client.HTTPResponse):
     """One answer of the driver server: its head read here, its body by http.client.
 
@@ -909,10 +918,10 @@ class DriverAnswer(http.client.HTTPResponse):
                 return fields
             if not line.endswith(b"\n"):
                 raise http.client.IncompleteRead(b"")  # closed mid-head
-            name, colon, value = line.decode("iso-8859-1").partition(":")
-            if not colon or not name or name != name.strip():  # no name, or obsolete folding
+            parsed = header_field(line)
+            if parsed is None:
                 raise http.client.HTTPException("malformed header line")
-            name, value = name.lower(), value.strip()
+            name, value = parsed
             if name not in fields:
                 fields[name] = value
             elif name in ("content-length", "transfer-encoding") and fields[name] != value:
@@ -1004,20 +1013,15 @@ class Upstream:
                     sock = self._connect()
                 sock.sendall(message)
                 return sock, _wait_readable(sock, deadline - time.monotonic())
-            except (ConnectionResetError, BrokenPipeError) as error:
+            except BaseException as error:
                 if sock is not None:
                     sock.close()
-                if reused:
+                if reused and isinstance(error, ConnectionResetError | BrokenPipeError):
                     continue
-                raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
-            except OSError as error:
-                if sock is not None:
-                    sock.close()
-                raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
-            except BaseException:
-                if sock is not None:
-                    sock.close()
-                raise
+                if not isinstance(error, OSError):
+                    raise
+                reason = describe_transport_error(error, self.netloc)
+                raise UpstreamUnavailable(reason) from None
         raise UpstreamUnavailable(f"driver server at {self.netloc} keeps closing connections")
 
     def receive(
@@ -1327,11 +1331,11 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
                 break
             if not line.endswith(b"\n"):  # end of file or idle_timeout mid-headers
                 return False
-            name, colon, value = line.decode("iso-8859-1").partition(":")
-            if not colon or not name or name != name.strip():  # no name, or obsolete folding
+            parsed = header_field(line)
+            if parsed is None:
                 self.send_error(400, "malformed header line")
                 return False
-            headers.setdefault(name.lower(), []).append(value.strip())
+            headers.setdefault(parsed[0], []).append(parsed[1])
         else:
             self.send_error(431, "too many headers")
             return False
