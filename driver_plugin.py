@@ -1703,9 +1703,11 @@ class PluginServer(ThreadingHTTPServer):
         )
         return Reply.failed(f"driver-plugin internal error ({kind}); see its log", "internal")
 
-    def _upstream_fields(self, request_id: str) -> bytes:
-        """The header lines a call adds to the upstream head: its id, the pod's identity."""
+    def _upstream_fields(self, request_id: str, key: bytes) -> bytes:
+        """The header lines a call adds to the upstream head: its id, its idempotency key (the
+        body's SHA-256, so every re-send of one body carries one key), the pod's identity."""
         fields = b"X-Request-ID: " + request_id.encode() + b"\r\n"
+        fields += b'Idempotency-Key: "' + key.hex().encode() + b'"\r\n'
         # Without a token (warned once at start-up) the driver server decides what to allow.
         with contextlib.suppress(SecretUnavailable):  # its characters were checked on reading
             fields += b"Authorization: Bearer " + self.sa_token.read() + b"\r\n"
@@ -1722,7 +1724,7 @@ class PluginServer(ThreadingHTTPServer):
         fields: dict[str, Any],
     ) -> Reply | None:
         """Ask the driver server, retrying transient failures briefly; None once detached."""
-        call_fields = self._upstream_fields(request_id)
+        call_fields = self._upstream_fields(request_id, call.key)
         retry_until = min(deadline, time.monotonic() + self.transient_retry_budget)
         pause = self.first_retry_pause
         while True:

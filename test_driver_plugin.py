@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import hashlib
 import http.client
 import io
 import json
@@ -751,7 +752,21 @@ def test_the_body_is_forwarded_unchanged_with_the_service_account_token(
     assert seen.body == body
     assert seen.headers["Authorization"] == f"Bearer {SA_TOKEN}"
     assert seen.headers["X-Request-ID"] == headers["X-Request-ID"]
+    assert seen.headers["Idempotency-Key"] == f'"{hashlib.sha256(body).hexdigest()}"'
     assert all(TOKEN not in value for value in seen.headers.values())
+
+
+def test_one_body_always_carries_one_idempotency_key_and_another_body_another(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    first, second = agent_call(), agent_call({"type": "DAG", "task_name": "other"})
+    # Two plugins stand for a restart: nothing of the key lives in the process.
+    for plugin in (start(result_ttl=0.0), start(result_ttl=0.0)):
+        for body in (first, second, first):
+            assert plugin.execute(body)[0] == 200
+    keys = [seen.headers["Idempotency-Key"] for seen in driver.seen]
+    assert len(keys) == 6 and len(set(keys)) == 2
+    assert keys[0] == keys[2] == keys[3] == keys[5] != keys[1] == keys[4]
 
 
 def test_without_a_service_account_token_nothing_is_sent_and_one_warning_logged(
@@ -1265,6 +1280,7 @@ def test_the_upstream_head_is_what_http_client_would_send(
         "Content-Type": "application/json",
         "User-Agent": f"driver-plugin/{dp.__version__}",
         "X-Request-ID": seen.headers["X-Request-ID"],
+        "Idempotency-Key": f'"{hashlib.sha256(body).hexdigest()}"',
         "Authorization": f"Bearer {SA_TOKEN}",
         "Content-Length": str(len(body)),
     }
