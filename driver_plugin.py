@@ -44,7 +44,7 @@ flag               environment                    default
 --requeue          DRIVER_PLUGIN_REQUEUE          2s
 --upstream-timeout DRIVER_PLUGIN_UPSTREAM_TIMEOUT 10m
 --max-outage       DRIVER_PLUGIN_MAX_OUTAGE       10m
---max-body         DRIVER_PLUGIN_MAX_BODY         8MiB
+--max-body         DRIVER_PLUGIN_MAX_BODY         256KiB
 --result-ttl       DRIVER_PLUGIN_RESULT_TTL       10m
 --log-level        DRIVER_PLUGIN_LOG_LEVEL        info (debug, info, warning, error)
 ================== ============================== ==========================================
@@ -84,11 +84,11 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 __version__ = "0.1.0"
 __all__ = [
@@ -243,7 +243,7 @@ class Settings:
     requeue: float = field(default=2.0, metadata={"parse": _positive_duration})
     upstream_timeout: float = field(default=600.0, metadata={"parse": _positive_duration})
     max_outage: float = field(default=600.0, metadata={"parse": _duration})
-    max_body: int = field(default=8 << 20, metadata={"parse": parse_size})
+    max_body: int = field(default=256 << 10, metadata={"parse": parse_size})
     result_ttl: float = field(default=600.0, metadata={"parse": _duration})
     log_level: str = field(default="info", metadata={"parse": _log_level})
 
@@ -258,7 +258,17 @@ class Settings:
             raise ConfigError("--max-body must be at least 1 byte")
         if self.requeue > MAX_REQUEUE:
             raise ConfigError("--requeue must be at most 1h")
-        url = urllib.parse.urlsplit(self.upstream)
+        try:
+            url = urllib.parse.urlsplit(self.upstream)
+            url.port  # noqa: B018 (it raises ValueError for a port that is no port)
+        except ValueError as error:
+            raise ConfigError(f"--upstream is not a URL: {error}") from None
+        if url.username is not None or url.password is not None:
+            # Never echoed: the value holds a password.
+            raise ConfigError(
+                "--upstream must not carry a user name or password: the plugin sends the "
+                "pod's service-account token instead"
+            )
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError(
                 f"--upstream must be an http:// or https:// URL, got {self.upstream!r}"
@@ -520,7 +530,15 @@ class Reply:
         document: dict[str, Any] = {"node": node}
         if requeue is not None:
             document["requeue"] = format_duration(requeue)
-        return cls(200, _dumps(document), outcome, phase=node["phase"])
+        try:
+            body = _dumps(document)
+        except UnicodeEncodeError:  # valid JSON ("\\ud800") that no UTF-8 reply can carry
+            return cls.failed(
+                "the reply would carry a string with a lone UTF-16 surrogate escape (such as "
+                "\\ud800), from the driver server's answer or the template: not Unicode text",
+                "bad_reply",
+            )
+        return cls(200, body, outcome, phase=node["phase"])
 
     @classmethod
     def failed(cls, message: str, outcome: str) -> Reply:
@@ -772,22 +790,34 @@ def _requeue_seconds(requeue: Any, default: float) -> float:
     return min(seconds, MAX_REQUEUE)
 
 
+REDACTED = "[redacted]"
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamResponse:
-    status: int
-    reason: str
-    body: bytes
-    #: The answer's header fields (lower-case names); looked at only on the rows that quote them.
+    """The driver server's answer, as far as judging it needs."""
+
+    status: int = 0
+    reason: str = ""
+    body: bytes = b""
+    #: The answer's Content-Type and Location (lower-case names): quoted on the rows that
+    #: name them.
     headers: Mapping[str, str] = field(default_factory=dict)
     #: Set when the exchange produced no usable answer (not HTTP, too large).
     problem: str = ""
 
-
-def _may_hold_surrogates(body: bytes) -> bool:
-    """False when ``json.loads(body)`` cannot hold a lone surrogate, so the re-encoding that
-    finds one is skipped: ASCII without NULs is decoded as UTF-8 (UTF-16 and UTF-32 bring NULs),
-    where only a ``\\u`` escape can make one."""
-    return not body.isascii() or b"\\u" in body or b"\x00" in body
+    def redacted(self, secret: bytes) -> UpstreamResponse:
+        """The same answer with ``secret`` blanked out wherever the server echoed it: the
+        pod's token must not reach a node message or a log line through a driver server that
+        quotes its request."""
+        text = secret.decode("ascii")
+        return UpstreamResponse(
+            self.status,
+            self.reason.replace(text, REDACTED),
+            self.body.replace(secret, REDACTED.encode()),
+            {name: value.replace(text, REDACTED) for name, value in self.headers.items()},
+            self.problem,
+        )
 
 
 def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settings) -> Reply:
@@ -825,15 +855,6 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
             f"(Content-Type {response.headers.get('content-type', 'none')!r}): {_quote(body)}",
             "bad_reply",
         )
-    try:
-        if _may_hold_surrogates(body):
-            _dumps(answer)
-    except UnicodeEncodeError:  # valid JSON ("\\ud800") that no UTF-8 reply can carry
-        return Reply.failed(
-            "driver server answered a string with a lone UTF-16 surrogate escape (such as "
-            "\\ud800): not Unicode text",
-            "bad_reply",
-        )
     if "node" in answer:
         node = answer["node"]
         if not isinstance(node, dict):
@@ -845,115 +866,142 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
 
 
 ###############################################################################
-# Upstream ####################################################################
+# Deadlines ###################################################################
 ###############################################################################
 
 
-def header_field(line: bytes) -> tuple[str, str] | None:
-    """One header line as (lower-case name, value), or None if malformed: no colon, no name, or
-    whitespace around the name (obsolete line folding). Both directions parse heads with it."""
-    name, colon, value = line.decode("iso-8859-1").partition(":")
-    if not colon or not name or name != name.strip():
-        return None
-    return name.lower(), value.strip()
+class Expiring(Protocol):
+    """Something the watchdog can cut short: a request being read, an upstream exchange."""
+
+    def expire(self) -> None: ...
 
 
-class DriverAnswer(http.client.HTTPResponse):
-    """One answer of the driver server: its head read here, its body by http.client.
+class Watchdog:
+    """One thread for every deadline: a call pays two dict operations, not a timer.
 
-    http.client parses a head into an email Message, a sixth of a call's CPU; this reads it into
-    a dict of lower-case names (the first value of each) with http.client's limits, and frames
-    the body more strictly: an answer that could be read two ways (two Content-Lengths, a length
-    beside Transfer-Encoding, a coding other than chunked) is not HTTP. The body is read by
-    http.client as ever: by Content-Length, chunked, or up to the close.
+    Deadlines are kept from outside the read loops: a peer that trickles bytes, or sends
+    ``100 Continue`` for ever, resets every per-read timeout but not this one.
     """
 
-    max_line = 65536
-    max_fields = 100
-    fields: dict[str, str]
-    chunked: bool
-    chunk_left: int | None
-    length: int | None
-    will_close: bool
+    #: Seconds between looks; anything lives at most this much past its deadline.
+    interval = 0.5
 
-    def begin(self) -> None:
-        status = 100
-        while 100 <= status < 200:  # interim answers (100 Continue, 103 Early Hints) come first
-            version, status, reason = self._status_line()
-            fields = self._head_fields()
-        self.code = self.status = status
-        self.reason, self.fields = reason, fields
-        self.version = 10 if version == "HTTP/1.0" else 11
-        coding, length = fields.get("transfer-encoding"), fields.get("content-length")
-        if coding is not None and (coding.lower() != "chunked" or length is not None):
-            raise http.client.HTTPException("ambiguous or unknown Transfer-Encoding")
-        if length is not None and not (length.isascii() and length.isdigit()):
-            raise http.client.HTTPException("Content-Length is not a number")
-        self.chunked, self.chunk_left = coding is not None, None
-        self.length = 0 if status in (204, 304) else None if length is None else int(length)
-        connection = fields.get("connection", "").lower()
-        keep_alive = "close" not in connection if self.version == 11 else "keep-alive" in connection
-        self.will_close = not keep_alive or (self.length is None and not self.chunked)
+    def __init__(self) -> None:
+        self._deadlines: dict[Expiring, float] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
 
-    def _status_line(self) -> tuple[str, int, str]:
-        line = self.fp.readline(self.max_line + 1)
-        if len(line) > self.max_line:
-            raise http.client.LineTooLong("status line")
-        if not line:
-            raise http.client.RemoteDisconnected("closed without an answer")
-        version, _, rest = line.decode("iso-8859-1").rstrip("\r\n").partition(" ")
-        code, _, reason = rest.partition(" ")
-        well_formed = len(code) == 3 and code.isascii() and code.isdigit() and code[0] != "0"
-        if not (version.startswith("HTTP/1.") and well_formed):
-            raise http.client.BadStatusLine("not an HTTP/1 status line")
-        return version, int(code), reason.strip()
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="watchdog", daemon=True).start()
 
-    def _head_fields(self) -> dict[str, str]:
-        fields: dict[str, str] = {}
-        for _ in range(self.max_fields + 1):
-            line = self.fp.readline(self.max_line + 1)
-            if len(line) > self.max_line:
-                raise http.client.LineTooLong("header line")
-            if line in (b"\r\n", b"\n"):
-                return fields
-            if not line.endswith(b"\n"):
-                raise http.client.IncompleteRead(b"")  # closed mid-head
-            parsed = header_field(line)
-            if parsed is None:
-                raise http.client.HTTPException("malformed header line")
-            name, value = parsed
-            if name not in fields:
-                fields[name] = value
-            elif name in ("content-length", "transfer-encoding") and fields[name] != value:
-                raise http.client.HTTPException(f"two different {name} fields")
-        raise http.client.HTTPException(f"more than {self.max_fields} header lines")
+    def watch(self, item: Expiring, deadline: float) -> None:
+        with self._lock:
+            self._deadlines[item] = deadline
+
+    def forget(self, item: Expiring) -> None:
+        with self._lock:
+            self._deadlines.pop(item, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            now = time.monotonic()
+            with self._lock:  # forget() waits, so nothing expires after it finished
+                for item in [i for i, deadline in self._deadlines.items() if deadline <= now]:
+                    del self._deadlines[item]
+                    item.expire()
+
+
+def _cut(sock: socket.socket | None) -> None:
+    """Unblock every read and write on ``sock`` from another thread (the socket stays open).
+
+    ``socket.socket.shutdown`` is called directly: an SSLSocket's own would drop its TLS state
+    under a thread that is reading it.
+    """
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+###############################################################################
+# Relay #######################################################################
+###############################################################################
+
+
+class ByteBudget:
+    """Bytes that may be held or parsed at once, so that memory stays inside the pod's limit.
+
+    A JSON document of small containers takes up to 30 times its size once parsed: the worst
+    8 MiB body took 240 MB. Parsing (and holding bodies) within a budget keeps the peak at
+    what the budget allows, whatever the input; a taker over the budget waits for room.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._room = threading.Condition()
+
+    def take(self, amount: int, timeout: float | None = None) -> int | None:
+        """Take ``amount`` bytes (at most the whole budget); None if no room within ``timeout``."""
+        amount = min(amount, self.size)
+        with self._room:
+            if not self._room.wait_for(lambda: self.free >= amount, timeout):
+                return None
+            self.free -= amount
+        return amount
+
+    def give(self, amount: int) -> None:
+        with self._room:
+            self.free += amount
+            self._room.notify_all()
+
+    @contextlib.contextmanager
+    def held(self, amount: int) -> Iterator[None]:
+        taken = self.take(amount)
+        try:
+            yield
+        finally:
+            self.give(taken or 0)
+
+
+class _Exchange:
+    """One request to the driver server, which the watchdog may cut at the call's deadline."""
+
+    __slots__ = ("connection", "expired")
+
+    def __init__(self, connection: http.client.HTTPConnection) -> None:
+        self.connection = connection
+        self.expired = False
+
+    def expire(self) -> None:
+        self.expired = True
+        _cut(self.connection.sock)
 
 
 class Upstream:
-    """Keep-alive connections to the driver server, checked out one per call (lock-free list).
+    """The driver server's client: ``http.client`` connections, kept alive and reused.
 
-    A call is written in one send: a head built once at start-up, its own few fields, the body.
+    Each exchange is bounded as a whole by the watchdog, not per read; framing is read by
+    ``http.client``, with three checks it leaves out (an answer that could be read two ways
+    is not HTTP).
     """
 
     #: Idle connections kept; more are closed after use.
     max_idle = 32
-    #: Seconds one connect, send or read may block. The reply deadline itself is kept by
-    #: polling for the answer, so the socket timeout is set once, not per call (an ioctl each).
-    io_timeout = 5.0
+    #: Seconds a connect may take (a driver server that drops packets); reads and writes are
+    #: bounded by the call's deadline instead.
+    connect_timeout = 5.0
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, watchdog: Watchdog) -> None:
         url = urllib.parse.urlsplit(settings.upstream)
-        self.host = url.hostname or ""
-        default_port = 443 if url.scheme == "https" else 80
-        self.port = url.port or default_port
         self.netloc = url.netloc
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        authority = host if self.port == default_port else f"{host}:{self.port}"
-        self.head = (
-            f"POST {url.path.rstrip('/')}{EXECUTE_PATH} HTTP/1.1\r\nHost: {authority}\r\n"
-            f"Accept-Encoding: identity\r\nContent-Type: application/json\r\n"
-            f"User-Agent: driver-plugin/{__version__}\r\n"
-        ).encode("ascii")
+        self.host = url.hostname or ""
+        self.port = url.port
+        self.path = url.path.rstrip("/") + EXECUTE_PATH
+        self.limit = settings.max_body
+        self.watchdog = watchdog
         self.context: ssl.SSLContext | None = None
         if url.scheme == "https":
             self.context = ssl.create_default_context()
@@ -962,116 +1010,134 @@ class Upstream:
                     self.context.load_verify_locations(cafile=settings.ca_file)
                 except (OSError, ssl.SSLError) as error:
                     raise ConfigError(f"--ca-file {settings.ca_file}: {error}") from None
-        self._idle: list[socket.socket] = []
-
-    def _idle_connection(self) -> socket.socket | None:
-        while self._idle:
-            try:
-                sock = self._idle.pop()
-            except IndexError:  # another thread took the last one
-                break
-            # Readable while idle means the server closed it (or sent junk): never reuse that.
-            if not _wait_readable(sock, 0):
-                return sock
-            sock.close()
-        return None
-
-    def _connect(self) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), self.io_timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.context is not None:
-                return self.context.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    def release(self, sock: socket.socket) -> None:
-        if len(self._idle) < self.max_idle:
-            self._idle.append(sock)
-        else:
-            sock.close()
+        self.timed_out = (
+            f"driver server at {self.netloc} did not answer within --upstream-timeout "
+            f"({format_duration(settings.upstream_timeout)})"
+        )
+        self._idle: list[http.client.HTTPConnection] = []
 
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
 
-    def send(self, body: bytes, fields: bytes, deadline: float) -> tuple[socket.socket, bool]:
-        """Send the call; return the connection once the answer has started, or False if not yet.
-
-        ``fields`` are the call's own header lines. A reused keep-alive connection that the
-        server closed just now fails while sending; that attempt is repeated once on a fresh
-        connection, since nothing reached the driver.
-        """
-        message = b"%s%sContent-Length: %d\r\n\r\n%s" % (self.head, fields, len(body), body)
-        for _ in range(2):
-            sock = self._idle_connection()
-            reused = sock is not None
+    def _connection(self, deadline: float) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept connection that is still open, else a new one: (connection, reused)."""
+        while self._idle:
             try:
-                if sock is None:
-                    sock = self._connect()
-                sock.sendall(message)
-                return sock, _wait_readable(sock, deadline - time.monotonic())
-            except BaseException as error:
-                if sock is not None:
-                    sock.close()
-                if reused and isinstance(error, ConnectionResetError | BrokenPipeError):
+                connection = self._idle.pop()
+            except IndexError:  # another thread took the last one
+                break
+            # Readable while idle means the server closed it (or sent junk): never reuse that.
+            if connection.sock is not None and not _readable(connection.sock):
+                return connection, True
+            connection.close()
+        timeout = max(0.001, min(self.connect_timeout, deadline - time.monotonic()))
+        if self.context is None:
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        else:
+            connection = http.client.HTTPSConnection(
+                self.host, self.port, timeout=timeout, context=self.context
+            )
+        return connection, False
+
+    def exchange(
+        self, body: bytes, headers: Mapping[str, str], deadline: float, secret: bytes = b""
+    ) -> UpstreamResponse:
+        """POST ``body``; the answer, or UpstreamUnavailable when none came (worth asking
+        again: the idempotency key makes a repeat safe). ``secret`` is blanked out of
+        everything the answer quotes.
+
+        A kept connection the server closed meanwhile is replaced at once, not counted as a
+        failure.
+        """
+        for _ in range(2):
+            connection, reused = self._connection(deadline)
+            exchange = _Exchange(connection)
+            self.watchdog.watch(exchange, deadline)
+            try:
+                response, reusable = self._ask(connection, body, headers)
+            except OSError as error:  # refused, reset, timed out, TLS; RemoteDisconnected too
+                connection.close()
+                if exchange.expired:
+                    raise UpstreamUnavailable(self.timed_out) from None
+                if reused and not isinstance(error, TimeoutError | ssl.SSLError):
                     continue
-                if not isinstance(error, OSError):
-                    raise
-                reason = describe_transport_error(error, self.netloc)
-                raise UpstreamUnavailable(reason) from None
+                raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
+            except http.client.HTTPException as error:  # began an answer, and broke it
+                connection.close()
+                if exchange.expired:
+                    raise UpstreamUnavailable(self.timed_out) from None
+                return UpstreamResponse(problem=describe_transport_error(error, self.netloc))
+            finally:
+                self.watchdog.forget(exchange)
+            if reusable and len(self._idle) < self.max_idle:
+                self._idle.append(connection)
+            else:
+                connection.close()
+            return response.redacted(secret) if secret else response
         raise UpstreamUnavailable(f"driver server at {self.netloc} keeps closing connections")
 
-    def receive(
-        self, sock: socket.socket, limit: int, timeout: float | None = None
-    ) -> UpstreamResponse:
-        """Read the answer on a connection from :meth:`send`; release or close it afterwards.
-
-        ``timeout`` replaces ``io_timeout`` for this answer only (a slow call's, in the background).
-        """
-        answer = DriverAnswer(sock, method="POST")
-        try:
-            if timeout is not None:
-                sock.settimeout(max(timeout, 0.001))
-            answer.begin()
-            body = answer.read(limit + 1)
-            if len(body) <= limit and answer.length:  # a sized read does not raise this itself
-                raise http.client.IncompleteRead(body, answer.length)
-            if timeout is not None:
-                sock.settimeout(self.io_timeout)
-        except (OSError, http.client.IncompleteRead) as error:
-            sock.close()
-            raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
-        except http.client.HTTPException as error:
-            sock.close()
-            problem = describe_transport_error(error, self.netloc)
-            return UpstreamResponse(0, "", b"", problem=problem)
-        finally:
-            answer.close()  # its file only: the socket is closed or kept below
-        if len(body) > limit:
-            sock.close()
-            problem = f"driver server answer is larger than --max-body ({limit} bytes)"
-            return UpstreamResponse(answer.status, answer.reason, b"", problem=problem)
-        if answer.will_close:
-            sock.close()
+    def _ask(
+        self, connection: http.client.HTTPConnection, body: bytes, headers: Mapping[str, str]
+    ) -> tuple[UpstreamResponse, bool]:
+        """One exchange on ``connection``: the answer, and whether the connection may be kept."""
+        if connection.sock is None:
+            connection.connect()
+            _untimed(connection)
+        connection.request("POST", self.path, body, dict(headers))
+        answer = connection.getresponse()
+        fields = answer.headers
+        lengths = set(fields.get_all("content-length", []))
+        coding = fields.get("transfer-encoding")
+        if len(lengths) > 1 or (coding is not None and (lengths or coding.lower() != "chunked")):
+            raise http.client.HTTPException("framed two ways, or with an unknown coding")
+        if lengths and not all(value.isascii() and value.isdigit() for value in lengths):
+            raise http.client.HTTPException("Content-Length is not a number")
+        declared = int(lengths.pop()) if lengths else None
+        kept = {name: fields.get(name, "") for name in ("content-type", "location")}
+        too_large = f"driver server answer is larger than --max-body ({format_size(self.limit)})"
+        if declared is not None and declared > self.limit:
+            return UpstreamResponse(answer.status, answer.reason, problem=too_large), False
+        if declared is None:  # chunked, or up to the close
+            data = answer.read(self.limit + 1)
         else:
-            self.release(sock)
-        return UpstreamResponse(answer.status, answer.reason, body, answer.fields)
+            try:  # a sized read raises IncompleteRead when the answer is cut short; read(n) not
+                data = answer.read()
+            except http.client.IncompleteRead:  # lost in transit: worth asking again
+                raise ClosedMidAnswer from None
+        if len(data) > self.limit:
+            return UpstreamResponse(answer.status, answer.reason, problem=too_large), False
+        # Closed: read to its end (a connection the server closes reconnects when next used).
+        return UpstreamResponse(answer.status, answer.reason, data, kept), answer.isclosed()
 
 
-def _wait_readable(sock: socket.socket, timeout: float) -> bool:
-    """True once the first byte of the answer can be read, False after ``timeout`` seconds."""
+class ClosedMidAnswer(ConnectionError):
+    """The driver server closed the connection before the length it announced had arrived.
+
+    A chunked body that does not decode is not HTTP instead: there a cut and garbage cannot be
+    told apart, and garbage must not be asked for again."""
+
+
+def _untimed(connection: http.client.HTTPConnection) -> None:
+    """Reads and writes wait as long as they must: the watchdog bounds the exchange as a whole,
+    and a socket timeout would poll before every read."""
+    connection.sock.settimeout(None)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """True when a read would not block: data or the end of the connection is waiting."""
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     poller = select.poll()
     poller.register(sock, select.POLLIN | select.POLLPRI)
-    return bool(poller.poll(max(timeout, 0.0) * 1000))
+    return bool(poller.poll(0))
 
 
 def describe_transport_error(error: BaseException, netloc: str) -> str:
-    """A short, operator-readable reason for a failed exchange with the driver server."""
+    """A short, operator-readable reason for a failed exchange with the driver server.
+
+    Never the exception's own text where it could quote what the server sent.
+    """
     if isinstance(error, socket.gaierror):
         host = netloc.rsplit(":", 1)[0]
         return f"driver server unreachable: cannot resolve {host!r} ({error.strerror})"
@@ -1084,27 +1150,29 @@ def describe_transport_error(error: BaseException, netloc: str) -> str:
         return f"driver server at {netloc}: TLS failed: {detail}"
     if isinstance(error, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
         return f"driver server at {netloc} closed the connection before answering"
-    if isinstance(error, http.client.IncompleteRead):
+    if isinstance(error, ClosedMidAnswer):
         return f"driver server at {netloc} closed the connection mid-answer"
+    if isinstance(error, http.client.IncompleteRead):
+        return f"driver server at {netloc} sent a chunked body that does not decode (not HTTP)"
     if isinstance(error, http.client.HTTPException):
         kind = type(error).__name__
         return f"driver server at {netloc} answered something that is not HTTP ({kind})"
     return f"driver server at {netloc} failed: {getattr(error, 'strerror', None) or error}"
 
 
-###############################################################################
-# Calls #######################################################################
-###############################################################################
-
-
 @dataclass(slots=True, eq=False)
 class Call:
-    """One driver call in flight; identical calls that arrive meanwhile wait on ``done``."""
+    """One driver call in flight; every caller waiting for it (its first one too) waits on
+    ``done``."""
 
     key: bytes
-    done: threading.Event | None = None
+    done: threading.Event = field(default_factory=threading.Event)
     reply: Reply | None = None
     waiters: int = 0
+    #: The last transient failure while the call is retried: a caller whose deadline comes
+    #: first is told it (Pending), not "still running".
+    problem: str = ""
+    upstream_status: int | None = None
 
 
 class CallTable:
@@ -1128,7 +1196,7 @@ class CallTable:
         self._outages: dict[bytes, float] = {}
 
     def begin(self, key: bytes) -> Reply | tuple[Call, bool]:
-        """A kept reply to hand over, or ``(call, owned)``: a new call, or the one in flight."""
+        """A kept reply to hand over, or ``(call, new)``: a new call, or the one in flight."""
         now = time.monotonic()
         with self._lock:
             kept = self._results.get(key)
@@ -1140,34 +1208,30 @@ class CallTable:
                 if expires > now:
                     return reply  # a failure is handed over once, so retryStrategy runs it again
             call = self._in_flight.get(key)
+            new = call is None
             if call is None:
                 call = self._in_flight[key] = Call(key)
-                return call, True
             call.waiters += 1
-            if call.done is None:
-                call.done = threading.Event()
-            return call, False
+            return call, new
 
     def wait(self, call: Call, timeout: float) -> Reply | None:
-        """Wait for a joined call; None if it is still running when ``timeout`` runs out."""
-        if call.done is not None:  # always set by begin() for a joiner
-            call.done.wait(max(timeout, 0.0))
+        """Wait for a call; None if it is still running when ``timeout`` runs out."""
+        call.done.wait(max(timeout, 0.0))
         with self._lock:
             call.waiters -= 1
             return call.reply
 
-    def finish(self, call: Call, reply: Reply, delivered: bool) -> None:
-        """Record a call's reply; ``delivered`` when its owner is handing it to a caller now."""
+    def finish(self, call: Call, reply: Reply) -> bool:
+        """Record a call's reply; True when a caller was waiting for it (it is handed over)."""
         with self._lock:
             del self._in_flight[call.key]
             call.reply = reply
-            keep = reply.phase == "Succeeded" or (
-                reply.phase in TERMINAL_PHASES and not delivered and call.waiters == 0
-            )
+            delivered = call.waiters > 0
+            keep = reply.phase == "Succeeded" or (reply.phase in TERMINAL_PHASES and not delivered)
             if keep and self.result_ttl > 0:
                 self._keep(call.key, reply)
-            if call.done is not None:
-                call.done.set()
+            call.done.set()
+            return delivered
 
     def _keep(self, key: bytes, reply: Reply) -> None:
         results, now = self._results, time.monotonic()
@@ -1203,6 +1267,210 @@ class CallTable:
             return len(self._in_flight), len(self._results), len(self._outages)
 
 
+class Relay:
+    """Takes an agent call's body and returns the reply, plus what its log line needs.
+
+    It owns the call table, the driver server's client, judging, retries and letting a slow
+    driver call run on: each new driver call runs in a thread of its own, and every caller,
+    the first one too, waits for it until its own reply deadline.
+    """
+
+    #: Seconds one driver call may spend retrying an unreachable driver server before its
+    #: callers are told Pending (never past their reply deadline).
+    transient_retry_budget = 3.0
+    first_retry_pause = 0.1
+    #: Bodies held by calls in flight, in units of ``--max-body``: the agent runs 16 workers.
+    held_bodies = 16
+    #: Seconds a call waits for room in the memory budget before it is answered 503.
+    budget_wait = 1.0
+
+    def __init__(
+        self, settings: Settings, log: JsonLog, metrics: Metrics, sa_token: SecretFile
+    ) -> None:
+        self.settings = settings
+        self.log = log
+        self.metrics = metrics
+        self.sa_token = sa_token
+        self.watchdog = Watchdog()
+        self.upstream = Upstream(settings, self.watchdog)
+        self.calls = CallTable(settings.result_ttl, settings.max_outage)
+        # A body and its answer are parsed together when judging: twice --max-body.
+        self.parsing = ByteBudget(2 * settings.max_body)
+        self.holding = ByteBudget(self.held_bodies * settings.max_body)
+        self.still_running = Reply.node(
+            {"phase": "Running", "message": "driver call still running"},
+            "running",
+            requeue=settings.requeue,
+        )
+        self.busy = Reply.text(
+            503, "driver-plugin is at its memory budget; ask again", "busy", close=True
+        )
+        #: Hooks for tests and embedders, called with the call's key: ``on_join`` when a
+        #: caller joins a driver call in flight, ``on_finish`` once a driver call's reply is
+        #: recorded (in the call's own thread).
+        self.on_join: Callable[[bytes], None] | None = None
+        self.on_finish: Callable[[bytes], None] | None = None
+        self._ids = iter(range(1, sys.maxsize))
+        self._id_prefix = secrets.token_hex(4)
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        self.upstream.close()
+
+    def reserve(self, length: int, deadline: float) -> int | None:
+        """Room to hold a body of ``length`` bytes; None when there is none in time."""
+        wait = min(self.budget_wait, max(0.0, deadline - time.monotonic()))
+        return self.holding.take(length, wait)
+
+    def execute(self, body: bytes, began: float, held: int) -> tuple[Reply, dict[str, Any]]:
+        """The reply to an agent call whose token was checked; ``held`` bytes of the holding
+        budget are the body's, and are given back here or when its driver call ends."""
+        fields: dict[str, Any] = {}
+        owned = False
+        try:
+            deadline = began + self.settings.reply_deadline
+            with self.parsing.held(len(body)):
+                found = self._read_call(body, fields)
+            if isinstance(found, Reply):
+                return found, fields
+            request_id = fields["request_id"] = self._new_request_id()
+            key = hashlib.sha256(body).digest()
+            begun = self.calls.begin(key)
+            if isinstance(begun, Reply):
+                self.metrics.add("replayed")
+                fields["shared"] = "replayed"
+                return begun, fields
+            call, new = begun
+            if new:
+                owned = True
+                self._start(call, body, deadline, request_id, held)
+            else:
+                self.metrics.add("coalesced")
+                fields["shared"] = "joined"
+                if self.on_join is not None:
+                    self.on_join(key)
+            reply = self.calls.wait(call, deadline - time.monotonic())
+            if call.upstream_status is not None:
+                fields["upstream_status"] = call.upstream_status
+            if reply is None:
+                if not call.problem:
+                    return self.still_running, fields
+                fields["upstream_error"] = call.problem
+                return self.calls.outage(key, call.problem, self.settings.requeue), fields
+            if reply.outcome in ("pending", "outage"):
+                fields["upstream_error"] = call.problem
+            return reply, fields
+        except Exception as error:  # a bug must not leave the agent without an answer
+            return self._internal_error(error, fields.get("request_id")), fields
+        finally:
+            if not owned:
+                self.holding.give(held)
+
+    def _read_call(self, body: bytes, fields: dict[str, Any]) -> Reply | None:
+        """None for a call of ours; else the reply to it (400, or "not mine")."""
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError) as error:
+            return Reply.text(400, f"body is not JSON: {error}", "bad_request")
+        workflow = document.get("workflow") if isinstance(document, dict) else None
+        template = document.get("template") if isinstance(document, dict) else None
+        if not isinstance(workflow, dict) or not isinstance(template, dict):
+            message = "body must be a JSON object with object-valued workflow and template"
+            return Reply.text(400, message, "bad_request")
+        metadata = workflow.get("metadata")
+        if isinstance(metadata, dict):
+            fields["namespace"] = _name(metadata.get("namespace"))
+            fields["workflow"] = _name(metadata.get("name"))
+        fields["template"] = _name(template.get("name"))
+        plugin = template.get("plugin")
+        if not isinstance(plugin, dict) or self.settings.plugin_name not in plugin:
+            return NOT_MINE
+        return None
+
+    def _new_request_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids):x}"
+
+    def _start(self, call: Call, body: bytes, deadline: float, request_id: str, held: int) -> None:
+        def run() -> None:
+            began = time.monotonic()
+            try:
+                reply = self._drive(call, body, deadline, request_id)
+            except Exception as error:  # a bug must not leave the call in flight for ever
+                reply = self._internal_error(error, request_id)
+            finally:
+                self.holding.give(held)
+            if not self.calls.finish(call, reply):
+                self.log.log(
+                    "info",
+                    "slow driver call finished",
+                    request_id=request_id,
+                    outcome=reply.outcome,
+                    phase=reply.phase,
+                    duration_ms=round((time.monotonic() - began) * 1000, 3),
+                )
+            if self.on_finish is not None:
+                self.on_finish(call.key)
+
+        try:
+            threading.Thread(target=run, name=f"driver-call-{request_id}", daemon=True).start()
+        except RuntimeError:  # no thread to be had: end the call rather than leak it
+            self.holding.give(held)
+            self.calls.finish(call, self.busy)
+
+    def _drive(self, call: Call, body: bytes, deadline: float, request_id: str) -> Reply:
+        """Ask the driver server until it answers, retrying transient failures briefly."""
+        started = time.monotonic()
+        give_up_at = started + self.settings.upstream_timeout
+        retry_until = min(started + self.transient_retry_budget, deadline, give_up_at)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"driver-plugin/{__version__}",
+            "X-Request-ID": request_id,
+            "Idempotency-Key": f'"{call.key.hex()}"',
+        }
+        token = b""
+        # Without a token (warned once at start-up) the driver server decides what to allow.
+        with contextlib.suppress(SecretUnavailable):  # its characters were checked on reading
+            token = self.sa_token.read()
+            headers["Authorization"] = "Bearer " + token.decode("ascii")
+        pause = self.first_retry_pause
+        while True:
+            began = time.monotonic()
+            try:
+                response = self.upstream.exchange(body, headers, give_up_at, token)
+                self.metrics.observe_upstream(time.monotonic() - began)
+                call.upstream_status = response.status or None
+                with self.parsing.held(len(body) + len(response.body)):
+                    reply = judge(response, _template(body), self.settings)
+                self.calls.recovered(call.key)
+                return reply
+            except UpstreamUnavailable as error:
+                call.problem = str(error)
+                left = retry_until - time.monotonic()
+                if left <= 0:
+                    return self.calls.outage(call.key, call.problem, self.settings.requeue)
+                time.sleep(min(pause, left))  # the last pause is cut to the budget
+                pause *= 2
+
+    def _internal_error(self, error: Exception, request_id: str | None) -> Reply:
+        # The type and where, never the text: an exception's text can quote what it choked on.
+        kind = type(error).__name__
+        self.log.log(
+            "error",
+            "internal error driving a call",
+            error=kind,
+            at=_where(error),
+            request_id=request_id,
+        )
+        return Reply.failed(f"driver-plugin internal error ({kind}); see its log", "internal")
+
+
+def _template(body: bytes) -> dict[str, Any]:
+    """The template of a body :meth:`Relay.execute` has already read as an agent call."""
+    template: dict[str, Any] = json.loads(body)["template"]
+    return template
+
+
 ###############################################################################
 # HTTP ########################################################################
 ###############################################################################
@@ -1210,9 +1478,25 @@ class CallTable:
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
+def header_field(line: bytes) -> tuple[str, str] | None:
+    """One header line as (lower-case name, value), or None if malformed: no colon, no name, or
+    whitespace around the name (obsolete line folding). Both directions parse heads with it."""
+    name, colon, value = line.decode("iso-8859-1").partition(":")
+    if not colon or not name or name != name.strip():
+        return None
+    return name.lower(), value.strip()
+
+
 def _name(value: Any) -> str | None:
     """A Kubernetes name for the log: a string of at most 253 characters, or nothing."""
     return value[:253] if isinstance(value, str) else None
+
+
+def is_loopback(peer: str) -> bool:
+    """Whether a peer is the agent: it calls ``localhost``, so 127.0.0.1 or ::1, which arrives
+    as ``::ffff:127.0.0.1`` on a ``--host ::`` socket. Only the pod's own containers can
+    connect from these."""
+    return peer.removeprefix("::ffff:") in ("127.0.0.1", "::1")
 
 
 def bearer_matches(header: str | None, token: bytes) -> bool:
@@ -1263,6 +1547,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.outside = not is_loopback(str(self.client_address[0]))
         seconds, fraction = divmod(self.idle_timeout, 1)
         timeval = struct.pack("ll", int(seconds), int(fraction * 1_000_000))
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
@@ -1270,7 +1555,14 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         try:
-            if not self.rfile.peek(1):  # waits for the first byte: idle time is not counted
+            if self.outside:  # may be closed to make room for another peer while it waits
+                self.server.idle(self.connection, True)
+            try:
+                waiting = self.rfile.peek(1)  # the first byte: idle time is not counted
+            finally:
+                if self.outside:
+                    self.server.idle(self.connection, False)
+            if not waiting:
                 self.close_connection = True
                 return
             self.began = time.monotonic()
@@ -1354,8 +1646,9 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         )
 
     def handle_expect_100(self) -> bool:
-        # Refuse an oversized or unsized body before the client sends it: skip the 100 Continue.
-        if isinstance(self._declared_length(), Reply):
+        # A call that will be refused (no token, too large, no length) gets no 100 Continue:
+        # the refusal comes before the client sends its body.
+        if self.command == "POST" and self._refusal() is not None:
             return True
         return super().handle_expect_100()
 
@@ -1451,7 +1744,8 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
 
     # Routes ##################################################################
 
-    def _execute(self) -> Reply:
+    def _refusal(self) -> Reply | None:
+        """The reply to a call refused before its body is read; None if it may go on."""
         server = self.server
         if server.draining:
             return Reply.text(503, "driver-plugin is shutting down; ask again", "draining", True)
@@ -1468,31 +1762,30 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             return Reply.text(503, token_problem(error), "token_unavailable", close=True)
         if not bearer_matches(self._header("authorization"), token):
             return Reply.text(403, "forbidden", "unauthorized", close=True)
-        deadline = time.monotonic() + self.head_timeout + length / self.min_body_rate
-        self.server.watchdog.watch(self, deadline)
-        body = self.rfile.read(length)
-        self.server.watchdog.forget(self)
-        if body is None or len(body) != length:  # None: idle_timeout (kernel) mid-body
-            raise ConnectionAbortedError("client left or stalled mid-body")
+        return None
+
+    def _execute(self) -> Reply:
+        refusal = self._refusal()
+        if refusal is not None:
+            return refusal
+        length = int(self._header("content-length"))
+        relay = self.server.relay
+        held = relay.reserve(length, self.began + self.server.settings.reply_deadline)
+        if held is None:
+            return relay.busy
         try:
-            document = json.loads(body)
-        except (ValueError, RecursionError) as error:
-            return Reply.text(400, f"body is not JSON: {error}", "bad_request")
-        workflow = document.get("workflow") if isinstance(document, dict) else None
-        template = document.get("template") if isinstance(document, dict) else None
-        if not isinstance(workflow, dict) or not isinstance(template, dict):
-            message = "body must be a JSON object with object-valued workflow and template"
-            return Reply.text(400, message, "bad_request")
-        metadata = workflow.get("metadata")
-        if isinstance(metadata, dict):
-            self.fields["namespace"] = _name(metadata.get("namespace"))
-            self.fields["workflow"] = _name(metadata.get("name"))
-        self.fields["template"] = _name(template.get("name"))
-        plugin = template.get("plugin")
-        if not isinstance(plugin, dict) or server.settings.plugin_name not in plugin:
-            return NOT_MINE
-        request_id = self.fields["request_id"] = server.new_request_id()
-        return server.drive(body, template, request_id, self.began, self.fields)
+            deadline = time.monotonic() + self.head_timeout + length / self.min_body_rate
+            self.server.watchdog.watch(self, deadline)
+            body = self.rfile.read(length)
+            self.server.watchdog.forget(self)
+            if body is None or len(body) != length:  # None: idle_timeout (kernel) mid-body
+                raise ConnectionAbortedError("client left or stalled mid-body")
+        except BaseException:
+            relay.holding.give(held)
+            raise
+        reply, fields = relay.execute(body, self.began, held)
+        self.fields.update(fields)
+        return reply
 
     def _healthz(self) -> Reply:
         return Reply.text(200, "ok", "health")
@@ -1526,59 +1819,24 @@ def _where(error: BaseException | None) -> str:
     return f"{frames[-1].name}:{frames[-1].lineno}" if frames else "unknown"
 
 
-class Watchdog:
-    """One thread for every request deadline: a call pays two dict operations, not a timer."""
-
-    #: Seconds between looks; a slow request lives at most this much past its deadline.
-    interval = 0.5
-
-    def __init__(self) -> None:
-        self._deadlines: dict[AgentRequestHandler, float] = {}
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        threading.Thread(target=self._run, name="request-watchdog", daemon=True).start()
-
-    def watch(self, handler: AgentRequestHandler, deadline: float) -> None:
-        with self._lock:
-            self._deadlines[handler] = deadline
-
-    def forget(self, handler: AgentRequestHandler) -> None:
-        with self._lock:
-            self._deadlines.pop(handler, None)
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self.interval):
-            now = time.monotonic()
-            with self._lock:  # forget() waits, so a handler never expires after it finished
-                for handler in [h for h, deadline in self._deadlines.items() if deadline <= now]:
-                    del self._deadlines[handler]
-                    handler.expire()
-
-
 class PluginServer(ThreadingHTTPServer):
-    """The sidecar: settings, secrets, the upstream pool and the call table, behind one port."""
+    """The sidecar: sockets, connection caps, request deadlines and the drain, behind one
+    port; the :class:`Relay` behind it answers the calls."""
 
     #: The agent opens a burst of connections (16 workers, 2 kept idle); a backlog of 5 drops some.
     request_queue_size = 128
     daemon_threads = True
     allow_reuse_address = True
-    #: Seconds one call may spend retrying an unreachable driver server before answering Pending:
-    #: a call held longer blocks one of the agent's 16 workers.
-    transient_retry_budget = 3.0
-    first_retry_pause = 0.1
     #: Seconds SIGTERM waits for calls in flight (the pod's grace period is 30 s).
     drain_grace = 25.0
-    #: Connections served at once (a thread each); more are closed on arrival. The agent opens
-    #: at most 16, plus the kubelet's probes: this only stops a peer without a token from
-    #: tying up threads by the hundred (each may idle for ``idle_timeout``). The agent connects
-    #: over loopback, which is never turned away, so such a peer cannot lock it out.
+    #: Connections served at once (a thread each). The agent opens at most 16, plus the
+    #: kubelet's probes: this only stops a peer without a token from tying up threads by the
+    #: hundred. The agent connects over loopback, which is never counted nor turned away.
+    #: When every slot is taken, the connection idle the longest makes room for a new one, so
+    #: a probe from a new address is served while other peers hold every slot idle.
     max_connections = 256
     #: Of those, the most one address may hold. A slow client cut at its deadline can reconnect
-    #: at once; capped per address, it takes only its share, and the kubelet's probes (from the
-    #: node's address) still find a slot. The agent's 16 workers come over loopback.
+    #: at once; capped per address, it takes only its share.
     max_connections_per_peer = 16
 
     def __init__(
@@ -1592,33 +1850,29 @@ class PluginServer(ThreadingHTTPServer):
         self.metrics = Metrics()
         self.agent_token = SecretFile(settings.token_file)
         self.sa_token = SecretFile(settings.sa_token_file)
-        self.upstream = Upstream(settings)
-        self.calls = CallTable(settings.result_ttl, settings.max_outage)
-        self.still_running = Reply.node(
-            {"phase": "Running", "message": "driver call still running"},
-            "running",
-            requeue=settings.requeue,
-        )
+        self.relay = Relay(settings, self.log, self.metrics, self.sa_token)
+        self.watchdog = self.relay.watchdog
         self.draining = False
         self._active = 0
         self._idle = threading.Condition()
         self._connections = 0
         self._peers: dict[str, int] = {}  # connections held, by address
+        self._waiting: dict[socket.socket, float] = {}  # outside connections idle, since when
         self._count_lock = threading.Lock()
-        self.watchdog = Watchdog()
-        self._ids = iter(range(1, sys.maxsize))
-        self._id_prefix = secrets.token_hex(4)
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         super().__init__((settings.host, settings.port), handler)
+        self.watchdog.start()  # once bound: a server that fails to start leaves no thread
 
     def process_request(self, request: Any, client_address: Any) -> None:
         peer = str(client_address[0])
-        loopback = peer in ("127.0.0.1", "::1")
+        if is_loopback(peer):
+            super().process_request(request, client_address)
+            return
         with self._count_lock:
             held = self._peers.get(peer, 0)
-            accepted = loopback or (
-                self._connections < self.max_connections and held < self.max_connections_per_peer
-            )
+            accepted = held < self.max_connections_per_peer
+            if accepted and self._connections >= self.max_connections:
+                accepted = self._make_room()
             if accepted:
                 self._connections += 1
                 self._peers[peer] = held + 1
@@ -1627,20 +1881,40 @@ class PluginServer(ThreadingHTTPServer):
         else:
             self.shutdown_request(request)
 
+    def _make_room(self) -> bool:
+        """Close the outside connection idle the longest (under ``_count_lock``); False if
+        every one is busy. Its thread sees the end of the stream and gives its slot back."""
+        if not self._waiting:
+            return False
+        oldest = min(self._waiting, key=self._waiting.__getitem__)
+        del self._waiting[oldest]
+        _cut(oldest)
+        return True
+
+    def idle(self, connection: socket.socket, idle: bool) -> None:
+        """A handler waits for a request on ``connection`` (or stops waiting)."""
+        with self._count_lock:
+            if idle:
+                self._waiting[connection] = time.monotonic()
+            else:
+                self._waiting.pop(connection, None)
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             peer = str(client_address[0])
-            with self._count_lock:
-                self._connections -= 1
-                self._peers[peer] -= 1
-                if not self._peers[peer]:
-                    del self._peers[peer]
+            if not is_loopback(peer):
+                with self._count_lock:
+                    self._waiting.pop(request, None)
+                    self._connections -= 1
+                    self._peers[peer] -= 1
+                    if not self._peers[peer]:
+                        del self._peers[peer]
 
     def server_close(self) -> None:
         super().server_close()
-        self.watchdog.stop()
+        self.relay.close()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, a DNS round trip at start-up; skip it.
@@ -1656,142 +1930,6 @@ class PluginServer(ThreadingHTTPServer):
             error=type(error).__name__,
             at=_where(error),
         )
-
-    def new_request_id(self) -> str:
-        return f"{self._id_prefix}-{next(self._ids):x}"
-
-    # Driving calls ###########################################################
-
-    def drive(
-        self,
-        body: bytes,
-        template: dict[str, Any],
-        request_id: str,
-        began: float,
-        fields: dict[str, Any],
-    ) -> Reply:
-        """Answer an owned call within the reply deadline, sharing identical calls."""
-        deadline = began + self.settings.reply_deadline
-        found = self.calls.begin(hashlib.sha256(body).digest())
-        if isinstance(found, Reply):
-            self.metrics.add("replayed")
-            fields["shared"] = "replayed"
-            return found
-        call, owned = found
-        if not owned:
-            self.metrics.add("coalesced")
-            fields["shared"] = "joined"
-            return self.calls.wait(call, deadline - time.monotonic()) or self.still_running
-        try:
-            reply = self._ask(call, body, template, request_id, deadline, fields=fields)
-        except Exception as error:  # a bug must not leave the call in flight for ever
-            reply = self._internal_error(error, request_id)
-        if reply is None:
-            return self.still_running
-        self.calls.finish(call, reply, delivered=True)
-        return reply
-
-    def _internal_error(self, error: Exception, request_id: str) -> Reply:
-        # The type and where, never the text: an exception's text can quote what it choked on.
-        kind = type(error).__name__
-        self.log.log(
-            "error",
-            "internal error driving a call",
-            error=kind,
-            at=_where(error),
-            request_id=request_id,
-        )
-        return Reply.failed(f"driver-plugin internal error ({kind}); see its log", "internal")
-
-    def _upstream_fields(self, request_id: str, key: bytes) -> bytes:
-        """The header lines a call adds to the upstream head: its id, its idempotency key (the
-        body's SHA-256, so every re-send of one body carries one key), the pod's identity."""
-        fields = b"X-Request-ID: " + request_id.encode() + b"\r\n"
-        fields += b'Idempotency-Key: "' + key.hex().encode() + b'"\r\n'
-        # Without a token (warned once at start-up) the driver server decides what to allow.
-        with contextlib.suppress(SecretUnavailable):  # its characters were checked on reading
-            fields += b"Authorization: Bearer " + self.sa_token.read() + b"\r\n"
-        return fields
-
-    def _ask(
-        self,
-        call: Call,
-        body: bytes,
-        template: dict[str, Any],
-        request_id: str,
-        deadline: float,
-        *,
-        fields: dict[str, Any],
-    ) -> Reply | None:
-        """Ask the driver server, retrying transient failures briefly; None once detached."""
-        call_fields = self._upstream_fields(request_id, call.key)
-        retry_until = min(deadline, time.monotonic() + self.transient_retry_budget)
-        pause = self.first_retry_pause
-        while True:
-            began = time.monotonic()
-            try:
-                connection, answering = self.upstream.send(body, call_fields, deadline)
-                if not answering:
-                    self._detach(call, connection, template, began, request_id)
-                    return None
-                reply, fields["upstream_status"] = self._answer(call, connection, template, began)
-                return reply
-            except UpstreamUnavailable as error:
-                left = retry_until - time.monotonic()
-                if left <= 0:
-                    fields["upstream_error"] = str(error)
-                    return self.calls.outage(call.key, str(error), self.settings.requeue)
-                time.sleep(min(pause, left))  # the last pause is cut to the budget
-                pause *= 2
-
-    def _answer(
-        self,
-        call: Call,
-        connection: socket.socket,
-        template: dict[str, Any],
-        began: float,
-        timeout: float | None = None,
-    ) -> tuple[Reply, int]:
-        """Read and judge the driver server's answer (raises UpstreamUnavailable if transient)."""
-        response = self.upstream.receive(connection, self.settings.max_body, timeout)
-        self.metrics.observe_upstream(time.monotonic() - began)
-        reply = judge(response, template, self.settings)
-        self.calls.recovered(call.key)
-        return reply, response.status
-
-    def _detach(
-        self,
-        call: Call,
-        connection: socket.socket,
-        template: dict[str, Any],
-        began: float,
-        request_id: str,
-    ) -> None:
-        """Let a slow driver call run on in its own thread; its result waits in the call table."""
-
-        def finish() -> None:
-            timeout = began + self.settings.upstream_timeout - time.monotonic()
-            try:
-                reply, _ = self._answer(call, connection, template, began, timeout)
-            except UpstreamUnavailable as error:
-                reply = self.calls.outage(call.key, str(error), self.settings.requeue)
-            except Exception as error:  # a bug must not leave the call in flight for ever
-                reply = self._internal_error(error, request_id)
-            self.log.log(
-                "info",
-                "slow driver call finished",
-                request_id=request_id,
-                outcome=reply.outcome,
-                phase=reply.phase,
-                duration_ms=round((time.monotonic() - began) * 1000, 3),
-            )
-            self.calls.finish(call, reply, delivered=False)
-
-        try:
-            threading.Thread(target=finish, name=f"driver-call-{request_id}", daemon=True).start()
-        except RuntimeError:  # no thread to be had: give the call up rather than leak it
-            connection.close()
-            raise
 
     # Lifecycle ###############################################################
 
@@ -1862,7 +2000,6 @@ def serve(server: PluginServer, handle_signals: bool = True) -> None:
     finally:
         server.server_close()  # refuse new connections while the calls in flight finish
         drained = server.wait_idle(server.drain_grace)
-        server.upstream.close()
         server.log.log("info", "stopped", drained=drained)
 
 

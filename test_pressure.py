@@ -108,7 +108,7 @@ def back_to_idle(
     server by design; they are closed here (after checking the bound) so that what remains is
     what the plugin leaked, if anything. ``also``: sockets the test itself replaced meanwhile.
     """
-    upstream = plugin.server.upstream
+    upstream = plugin.server.relay.upstream
     deadline = time.monotonic() + within
     while True:
         assert len(upstream._idle) <= upstream.max_idle
@@ -623,7 +623,7 @@ def test_load_with_a_hostile_driver_server_loses_and_doubles_nothing(
         check_reply_provenance(chaos, settled, success)
         assert max(chaos.max_in_flight) == 1
 
-        assert plugin.server.calls.sizes()[0] == 0, "a driver call is still in flight"
+        assert plugin.server.relay.calls.sizes()[0] == 0, "a driver call is still in flight"
         # The gauge drops just after the reply is written: wait for it, do not race it.
         assert plugin.server.wait_idle(10), "a handler never finished"
         assert plugin.server.metrics.in_flight == 0
