@@ -1070,6 +1070,9 @@ class Upstream:
                 return UpstreamResponse(problem=describe_transport_error(error, self.netloc))
             finally:
                 self.watchdog.forget(exchange)
+            if exchange.expired:  # the cut can read as a clean end of the answer
+                connection.close()
+                raise UpstreamUnavailable(self.timed_out)
             if reusable and len(self._idle) < self.max_idle:
                 self._idle.append(connection)
             else:

@@ -177,6 +177,7 @@ class Answer:
     keep_open: bool = False  # after ``raw``: serve the next call on this connection
     close: bool = False  # close the connection without answering
     gate: threading.Event | None = None  # wait for it before answering
+    drip: tuple[bytes, ...] = ()  # after ``raw``: written a piece every 25 ms, as a hostile server
 
 
 def json_answer(document: Any, status: int = 200) -> Answer:
@@ -198,6 +199,8 @@ class FakeDriver:
         self.script: Callable[[bytes], Answer] = lambda body: Answer()
         self.seen: list[Seen] = []
         self.received = threading.Semaphore(0)
+        self.stopping = threading.Event()  # ends a drip
+        self.dripping = threading.Event()  # set while a drip is being written
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -219,6 +222,13 @@ class FakeDriver:
                     elif answer.raw is not None:
                         self.wfile.write(answer.raw)
                         self.close_connection = not answer.keep_open
+                        fake.dripping.set()
+                        for piece in answer.drip:
+                            if fake.stopping.wait(0.025):
+                                break
+                            self.wfile.write(piece)
+                            self.wfile.flush()
+                        fake.dripping.clear()
                     else:
                         self.send_response(answer.status)
                         for name, value in answer.headers.items():
@@ -244,6 +254,7 @@ class FakeDriver:
         return [seen.body for seen in self.seen]
 
     def stop(self) -> None:
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -398,6 +409,11 @@ def test_environment_is_read_and_flags_win() -> None:
         (["--upstream", "ftp://x"], {}, "http:// or https://"),
         (["--upstream", "http://driver/base path"], {}, "path must be printable ASCII"),
         (["--upstream", "http://driver/caf\u00e9"], {}, "path must be printable ASCII"),
+        (["--upstream", "http://driver:99999"], {}, "--upstream is not a URL: Port out of range"),
+        (["--upstream", "http://driver:abc"], {}, "--upstream is not a URL"),
+        (["--upstream", "http://[::1"], {}, "--upstream is not a URL: Invalid IPv6 URL"),
+        (["--upstream", "http://kfp:s3cret@driver"], {}, "must not carry a user name or password"),
+        (["--upstream", "http://kfp@driver"], {}, "must not carry a user name or password"),
         (["--log-level", "loud"], {}, "unknown log level"),
         (["--nonsense"], {}, "unrecognized arguments"),
     ],
@@ -409,9 +425,18 @@ def test_bad_settings_raise_one_clear_error(
         dp.Settings.from_args(argv, environ=environ)
 
 
-def test_main_exits_2_with_one_line_for_bad_settings() -> None:
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--max-outage", "forever"], "--max-outage: not a duration"),
+        (["--upstream", "http://driver:99999"], "Port out of range"),
+        (["--upstream", "http://[::1"], "Invalid IPv6 URL"),
+        (["--upstream", "http://kfp:s3cret@driver"], "must not carry a user name or password"),
+    ],
+)
+def test_main_exits_2_with_one_line_for_bad_settings(argv: list[str], needle: str) -> None:
     result = subprocess.run(
-        [sys.executable, "driver_plugin.py", "--max-outage", "forever"],
+        [sys.executable, "driver_plugin.py", *argv],
         capture_output=True,
         text=True,
         timeout=30,
@@ -420,7 +445,8 @@ def test_main_exits_2_with_one_line_for_bad_settings() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
-    assert "--max-outage: not a duration" in result.stderr
+    assert needle in result.stderr
+    assert "s3cret" not in result.stderr  # a password is never echoed
 
 
 def test_https_upstream_rejects_an_unreadable_ca_file(tmp_path: Path) -> None:
@@ -537,6 +563,33 @@ def test_expect_100_continue_is_refused_for_an_oversized_body(start: Callable[..
     reply = raw_exchange(plugin.port, head.encode())
     assert reply.startswith(b"HTTP/1.1 413 ")
     assert b"100 Continue" not in reply
+
+
+@pytest.mark.parametrize(
+    "authorization", [f"Bearer {TOKEN}x", None], ids=["wrong-token", "no-token"]
+)
+def test_expect_100_continue_gets_no_100_before_a_token_refusal(
+    start: Callable[..., Plugin], authorization: str | None
+) -> None:
+    plugin = start()
+    head = f"POST {dp.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\n"
+    if authorization is not None:
+        head += f"Authorization: {authorization}\r\n"
+    head += "Content-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    reply = raw_exchange(plugin.port, head.encode())
+    assert reply.startswith(b"HTTP/1.1 403 ")
+    assert b"100 Continue" not in reply
+
+
+def test_expect_100_continue_with_the_token_gets_its_100(start: Callable[..., Plugin]) -> None:
+    plugin = start()
+    head = (
+        f"POST {dp.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", plugin.port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @pytest.mark.parametrize(
@@ -788,6 +841,37 @@ def test_a_base_path_in_the_upstream_url_is_kept(
     plugin = start(upstream=driver.url + "/driver/")
     plugin.execute(agent_call())
     assert driver.seen[0].path == "/driver" + dp.EXECUTE_PATH
+
+
+def echoing(driver: FakeDriver, make: Callable[[str], Answer]) -> Callable[[bytes], Answer]:
+    """A driver server that quotes the Authorization header it was sent."""
+    return lambda body: make(driver.seen[-1].headers.get("Authorization", ""))
+
+
+ECHOES: dict[str, Callable[[str], Answer]] = {
+    "error-text": lambda auth: Answer(500, f"bad request: {auth}".encode()),
+    "failed-node": lambda auth: json_answer({"node": {"phase": "Failed", "message": auth}}),
+    "transient": lambda auth: Answer(503, f"overloaded, {auth}".encode()),
+    "output": lambda auth: json_answer({"x": auth}),
+    "reason": lambda auth: Answer(raw=f"HTTP/1.1 500 {auth}\r\nContent-Length: 0\r\n\r\n".encode()),
+    "redirect": lambda auth: Answer(302, b"", {"Location": f"http://x/?{auth}"}),
+    "content-type": lambda auth: Answer(200, b"nope", {"Content-Type": auth}),
+}
+
+
+@pytest.mark.parametrize("make", ECHOES.values(), ids=ECHOES.keys())
+def test_a_driver_server_that_echoes_the_token_never_gets_it_into_a_message_or_log(
+    start: Callable[..., Plugin], driver: FakeDriver, make: Callable[[str], Answer]
+) -> None:
+    driver.script = echoing(driver, make)
+    plugin = start()
+    status, reply = plugin.execute_logged(
+        agent_call(outputs=[{"name": "x", "valueFrom": {"jsonPath": "$.x"}}])
+    )
+    assert driver.seen[0].headers["Authorization"] == f"Bearer {SA_TOKEN}"  # it was sent
+    assert status == 200 and SA_TOKEN.encode() not in reply
+    assert b"[redacted]" in reply
+    assert SA_TOKEN not in plugin.log_stream.getvalue()
 
 
 def test_one_log_line_per_call_without_tokens_or_bodies(
@@ -1435,6 +1519,74 @@ def test_transport_errors_are_described_for_operators() -> None:
 ###############################################################################
 
 
+HOSTILE_ANSWERS = {
+    "continue-for-ever": Answer(raw=b"", drip=(b"HTTP/1.1 100 Continue\r\n\r\n",) * 400),
+    "head-then-a-byte-at-a-time": Answer(
+        raw=b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", drip=(b" ",) * 400
+    ),
+    "a-header-at-a-time": Answer(raw=b"HTTP/1.1 200 OK\r\n", drip=(b"X-A: b\r\n",) * 400),
+}
+
+
+@pytest.mark.parametrize("answer", HOSTILE_ANSWERS.values(), ids=HOSTILE_ANSWERS.keys())
+def test_a_driver_server_that_never_finishes_is_answered_for_in_time_and_given_up(
+    start: Callable[..., Plugin], driver: FakeDriver, answer: Answer
+) -> None:
+    driver.script = lambda body: answer
+    plugin = start(reply_deadline=0.5, upstream_timeout=1.0)
+    connection = http.client.HTTPConnection("127.0.0.1", plugin.port, timeout=5)
+    try:  # the agent's client gives up after 30 s; this one after 5, the drip lasts 10
+        connection.request(
+            "POST", dp.EXECUTE_PATH, agent_call(), {"Authorization": f"Bearer {TOKEN}"}
+        )
+        response = connection.getresponse()
+        view = argo_agent_reads(response.status, response.read())
+    finally:
+        connection.close()
+    assert (view.phase, view.message) == ("Running", "driver call still running")
+    plugin.wait_finished()  # abandoned at --upstream-timeout, while the drip goes on
+    assert driver.dripping.is_set()
+    view = plugin.agent(agent_call())  # the next poll is told why, and asks again later
+    assert view.phase in ("Pending", "Running")
+    [finished] = [line for line in plugin.log_lines() if line["msg"] == "slow driver call finished"]
+    assert finished["outcome"] == "pending"
+
+
+def test_an_abandoned_call_says_why(start: Callable[..., Plugin], driver: FakeDriver) -> None:
+    driver.script = lambda body: HOSTILE_ANSWERS["continue-for-ever"]
+    plugin = start(reply_deadline=2.0, upstream_timeout=0.5)
+    plugin.server.relay.transient_retry_budget = 0.0
+    view = plugin.agent(agent_call())
+    assert view.phase == "Pending"
+    assert view.message.endswith("did not answer within --upstream-timeout (500ms)")
+
+
+def test_a_deadline_within_the_retry_budget_still_names_the_outage(
+    start: Callable[..., Plugin],
+) -> None:
+    port = closed_port()
+    plugin = start(upstream=f"http://127.0.0.1:{port}", reply_deadline=0.3)
+    plugin.server.relay.transient_retry_budget = 3.0  # longer than the reply deadline
+    view = plugin.agent(agent_call())
+    assert view.phase == "Pending"
+    assert view.message == f"driver server unreachable: connection refused by 127.0.0.1:{port}"
+
+
+def test_a_call_over_the_memory_budget_gets_a_503_the_agent_retries(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start()
+    relay = plugin.server.relay
+    relay.budget_wait = 0.05
+    taken = relay.holding.take(relay.holding.size)  # as if bodies in flight held it all
+    view = plugin.agent(agent_call())
+    assert view.kind == "retry" and "memory budget" in view.message
+    assert not driver.seen
+    relay.holding.give(taken or 0)
+    assert plugin.agent(agent_call()).phase == "Succeeded"
+    assert relay.holding.free == relay.holding.size  # every body's bytes given back
+
+
 def test_a_slow_call_answers_running_then_its_result_once(
     start: Callable[..., Plugin], driver: FakeDriver
 ) -> None:
@@ -1893,6 +2045,14 @@ def test_a_signal_drains_calls_in_flight_and_exits_0(
         caller.start()
         assert driver.received.acquire(timeout=10)
         process.send_signal(signum)
+        for _ in range(400):  # the listener closes at once; the drain then waits for the call
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED:
+                    break
+            time.sleep(0.01)  # waiting for the signal to reach the process
+        else:
+            pytest.fail("the plugin kept accepting connections after the signal")
+        assert process.poll() is None and not views  # still draining: the call is in flight
         gate.set()
         caller.join(10)
         assert process.wait(timeout=20) == 0

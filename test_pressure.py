@@ -20,6 +20,7 @@ system or another process (threads ending, sockets closing, a port refusing, a c
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import io
 import json
@@ -1492,3 +1493,109 @@ def test_a_client_that_stalls_before_its_body_is_dropped_quietly(
     finally:
         server.begin_drain()
         thread.join(10)
+
+
+###############################################################################
+# Memory ######################################################################
+###############################################################################
+
+
+def memory_limit() -> int:
+    """The sidecar's memory limit in plugin.yaml, in bytes."""
+    import yaml
+
+    plugin = yaml.safe_load(PLUGIN_SCRIPT.with_name("plugin.yaml").read_text())
+    limit = plugin["spec"]["sidecar"]["container"]["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    return int(limit[:-2]) << 20
+
+
+def filled(head: bytes, piece: bytes, tail: bytes, size: int) -> bytes:
+    """``head``, ``piece`` repeated (``%d`` numbered, comma-separated), ``tail``: at most
+    ``size`` bytes."""
+    pieces: list[bytes] = []
+    used = len(head) + len(tail)
+    while True:
+        item = piece % len(pieces) if b"%d" in piece else piece
+        if used + len(item) + 1 > size:
+            return head + b",".join(pieces) + tail
+        pieces.append(item)
+        used += len(item) + 1
+
+
+#: JSON that parses into the most memory per byte: small containers (about 30 times their size).
+WORST_SHAPES = {
+    "lists": (b"[", b"[0]", b"]"),
+    "objects": (b"[", b"{}", b"]"),
+    "keys": (b"{", b'"k%d":[]', b"}"),
+}
+
+
+def post(port: int, body: bytes, views: list[AgentView]) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", dp.EXECUTE_PATH, body, AUTH)
+        response = connection.getresponse()
+        views.append(argo_agent_reads(response.status, response.read()))
+    finally:
+        connection.close()
+
+
+def test_the_worst_accepted_inputs_16_at_a_time_stay_inside_the_memory_limit(
+    driver: FakeDriver, token_file: Path, tmp_path: Path
+) -> None:
+    limit = dp.Settings().max_body
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(PLUGIN_SCRIPT),
+            "--host=127.0.0.1",
+            "--port=0",
+            f"--upstream={driver.url}",
+            f"--token-file={token_file}",
+            f"--sa-token-file={tmp_path / 'no-sa-token'}",
+            "--reply-deadline=25s",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MALLOC_ARENA_MAX": "2"},  # as the image runs it
+    )
+    log = ProcessLog(process)
+    try:
+        assert log.listening.wait(10), log.lines
+        for shape, (opening, piece, closing) in WORST_SHAPES.items():
+            # Every body and every answer as large and as costly to parse as --max-body allows.
+            answer = filled(
+                b'{"node":{"phase":"Succeeded"},"x":' + opening, piece, closing + b"}", limit
+            )
+            driver.script = functools.partial(lambda answer, body: Answer(body=answer), answer)
+            bodies = [
+                filled(
+                    b'{"workflow":{"metadata":{"name":"w","namespace":"n","uid":"u"}},'
+                    b'"template":{"name":"%s-%d","plugin":{"driver-plugin":{}},"x":%s'
+                    % (shape.encode(), number, opening),
+                    piece,
+                    closing + b"}}",
+                    limit,
+                )
+                for number in range(16)
+            ]
+            views: list[AgentView] = []
+            callers = [
+                threading.Thread(target=post, args=(log.port, body, views)) for body in bodies
+            ]
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join(60)
+            assert [view.phase for view in views] == ["Succeeded"] * 16, (shape, views[:1])
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        found = re.search(r"VmHWM:\s+(\d+) kB", status)
+        assert found is not None
+        peak = int(found.group(1)) << 10
+        print(f"peak RSS {peak / (1 << 20):.1f} MiB for 3 x 16 worst inputs of {limit} bytes")
+        assert peak < memory_limit(), f"peak RSS {peak >> 20} MiB"
+    finally:
+        process.terminate()
+        process.wait(30)
