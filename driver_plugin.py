@@ -15,11 +15,18 @@ proposal), and gives only answers the real Argo agent (v4.1) handles correctly:
   cannot be read (the agent retries a 503 and shows its text on the node). Never ``404`` for
   template.execute: the agent would stop calling this plugin for the rest of the workflow.
 
-Identical calls share one driver call: a call that arrives while the same body is in flight joins
-it, a Succeeded result is replayed for ``--result-ttl``, and a result that completes while nobody
-waits is kept for the next identical call (a Failed one only until it is handed over once, so that
-Argo's ``retryStrategy`` still runs the driver again). The agent re-sends a body after its own 30 s
-timeout and after a restart, and a KFP driver must not run twice.
+A driver runs once per call. Every upstream request carries ``Idempotency-Key: "<SHA-256 of the
+body>"``, the same for every re-send of one body, in any pod and after any restart, so that the
+driver server runs one driver per key (``docs/driver-server-contract.md``); this makes asking again
+after a dropped connection safe. Within the process, identical calls share one driver call: a call
+that arrives while the same body is in flight joins it, a Succeeded result is replayed for
+``--result-ttl``, and a result that completes while nobody waits is kept for the next identical
+call (a Failed one only until it is handed over once, so that Argo's ``retryStrategy`` still runs
+the driver again).
+
+Every agent call is answered by ``--reply-deadline`` whatever the driver server sends or withholds,
+and a driver call is given up ``--upstream-timeout`` after its start. Bodies and answers are parsed
+within a byte budget, so that memory stays inside the sidecar's limit for any accepted input.
 
 Security: the agent's token (``--token-file``) is compared in constant time and never leaves the
 pod; upstream calls carry the pod's service-account token instead. Tokens and bodies are never
