@@ -1488,13 +1488,24 @@ def _template(body: bytes) -> dict[str, Any]:
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
-def header_field(line: bytes) -> tuple[str, str] | None:
-    """One header line as (lower-case name, value), or None if malformed: no colon, no name, or
-    whitespace around the name (obsolete line folding). Both directions parse heads with it."""
-    name, colon, value = line.decode("iso-8859-1").partition(":")
-    if not colon or not name or name != name.strip():
-        return None
-    return name.lower(), value.strip()
+class _BoundedHead:
+    """A request's stream while its head is read: every line counts against one budget."""
+
+    __slots__ = ("left", "stream")
+
+    def __init__(self, stream: io.BufferedReader, budget: int) -> None:
+        self.stream, self.left = stream, budget
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.stream.readline(self.left + 1 if limit < 0 else min(limit, self.left + 1))
+        self.left -= len(line)
+        if self.left < 0:
+            raise http.client.LineTooLong("request head")  # http.server answers 431
+        if not line.endswith(b"\n") and (limit < 0 or len(line) < limit):
+            # The peer left, stalled past idle_timeout, or was cut at its head deadline:
+            # http.server would take the lines so far as the whole head. Nobody to answer.
+            raise ConnectionAbortedError("the request head ended early")
+        return line
 
 
 def _name(value: Any) -> str | None:
@@ -1541,8 +1552,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
     head_timeout = 10.0
     min_body_rate = 65536
     timeout = None
-    #: Header lines and bytes (all lines together) accepted per request; the agent sends ~200 B.
-    max_headers = 100
+    #: Bytes of all header lines together accepted per request; the agent sends ~200 B.
     max_header_bytes = 65536
     server_version = f"driver-plugin/{__version__}"
 
@@ -1604,53 +1614,22 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
 
     def parse_request(self) -> bool:
-        """Parse the request line and headers into ``header_values`` (lower-case names).
+        """http.server's own parsing, with the head's bytes bounded as a whole.
 
-        http.server's parser builds an email Message per request, which cost a fifth of the
-        plugin's CPU per call; this one keeps its limits and checks and builds a dict.
+        http.server bounds each header line (64 KiB) and their number (100), not their sum:
+        without this, a peer without a token could make each of its connections hold 6 MB.
         """
-        self.command = self.request_version = ""
-        self.header_values: dict[str, list[str]] = {}
-        self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3:
-            self.send_error(400, f"bad request line {self.requestline[:100]!r}")
-            return False
-        command, path, version = words
-        if version not in ("HTTP/1.0", "HTTP/1.1"):  # 400, not 505: no 5xx but the defined 503s
-            self.send_error(400, "use HTTP/1.1")
-            return False
-        self.command, self.path, self.request_version = command, path, version
-        headers, budget = self.header_values, self.max_header_bytes
-        for _ in range(self.max_headers + 1):
-            line = self.rfile.readline(budget + 1)
-            budget -= len(line)
-            if budget < 0:
-                self.send_error(431, "headers too large")
-                return False
-            if line in (b"\r\n", b"\n"):
-                break
-            if not line.endswith(b"\n"):  # end of file or idle_timeout mid-headers
-                return False
-            parsed = header_field(line)
-            if parsed is None:
-                self.send_error(400, "malformed header line")
-                return False
-            headers.setdefault(parsed[0], []).append(parsed[1])
-        else:
-            self.send_error(431, "too many headers")
-            return False
-        connection = self._header("connection").lower()
-        self.close_connection = connection == "close" or (
-            version == "HTTP/1.0" and connection != "keep-alive"
-        )
-        if self._header("expect").lower() == "100-continue" and version == "HTTP/1.1":
-            return self.handle_expect_100()
-        return True
+        stream = self.rfile
+        self.rfile = _BoundedHead(stream, self.max_header_bytes)  # type: ignore[assignment]
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = stream
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Malformed requests (parse_request's errors) get a short text reply and a close."""
+        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # no 5xx but the defined 503s
+            code, message = 400, "use HTTP/1.1"
         self._send(
             Reply.text(code, message or _PHRASES.get(code, "error"), "bad_request", close=True)
         )
@@ -1727,21 +1706,16 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         body = b"" if self.command == "HEAD" else reply.body  # HEAD: the length, not the body
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
-    def _header(self, name: str) -> str:
-        """The first value of a header (``name`` in lower case), or ""."""
-        values = self.header_values.get(name)
-        return values[0] if values else ""
-
     def _has_body(self) -> bool:
-        length = self._header("content-length")
-        return "transfer-encoding" in self.header_values or length not in ("", "0")
+        length = self.headers.get("Content-Length", "")
+        return "Transfer-Encoding" in self.headers or length not in ("", "0")
 
     def _declared_length(self) -> int | Reply:
-        if "transfer-encoding" in self.header_values:
+        if "Transfer-Encoding" in self.headers:
             return Reply.text(
                 411, "send the body with Content-Length, not chunked", "no_length", True
             )
-        values = self.header_values.get("content-length", [])
+        values = self.headers.get_all("Content-Length", [])
         if not values:
             return Reply.text(411, "Content-Length is required", "no_length", close=True)
         raw, limit = values[0].strip(), self.server.settings.max_body
@@ -1762,7 +1736,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         length = self._declared_length()
         if isinstance(length, Reply):
             return length
-        if len(self.header_values.get("authorization", ())) > 1:
+        if len(self.headers.get_all("Authorization", [])) > 1:
             # Proxies disagree on which one counts: fail closed rather than pick one.
             message = "more than one Authorization header: ambiguous, refused"
             return Reply.text(400, message, "bad_request", close=True)
@@ -1770,7 +1744,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             token = server.agent_token.read()
         except SecretUnavailable as error:
             return Reply.text(503, token_problem(error), "token_unavailable", close=True)
-        if not bearer_matches(self._header("authorization"), token):
+        if not bearer_matches(self.headers.get("Authorization"), token):
             return Reply.text(403, "forbidden", "unauthorized", close=True)
         return None
 
@@ -1778,7 +1752,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         refusal = self._refusal()
         if refusal is not None:
             return refusal
-        length = int(self._header("content-length"))
+        length = int(self.headers["Content-Length"])
         relay = self.server.relay
         held = relay.reserve(length, self.began + self.server.settings.reply_deadline)
         if held is None:

@@ -1825,6 +1825,11 @@ def test_when_every_slot_is_busy_a_new_connection_is_closed_unless_from_loopback
     try:
         for sock in busy:  # mid-request, so not idle: nothing can be closed for a newcomer
             sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        for _ in range(400):  # until both heads are being read (each has a head deadline)
+            with plugin.server._count_lock:
+                if len(plugin.server.watchdog._deadlines) == 2 and not plugin.server._waiting:
+                    break
+            time.sleep(0.01)  # waiting for the plugin's handler threads
         with connect_from(plugin.port, "127.0.0.3") as extra:
             extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             with contextlib.suppress(ConnectionResetError):
