@@ -35,28 +35,28 @@ logged.
 Routes: ``POST /api/v1/template.execute``, ``GET /healthz`` (the process serves), ``GET /readyz``
 (token readable and not draining), ``GET /metrics`` (Prometheus text).
 
-Settings (flag, environment variable after it; the flag wins over the environment):
+Settings: each flag also reads ``DRIVER_PLUGIN_<FLAG>`` (upper case, dashes as underscores; the
+flag wins over the environment); ``--help`` says what each means:
 
-================== ============================== ==========================================
-flag               environment                    default
-================== ============================== ==========================================
---host             DRIVER_PLUGIN_HOST             0.0.0.0 (kubelet probes reach the pod IP)
---port             DRIVER_PLUGIN_PORT             7581 (0 picks a free port)
---upstream         DRIVER_PLUGIN_UPSTREAM         http://ml-pipeline-driver.kubeflow:8080
---ca-file          DRIVER_PLUGIN_CA_FILE          none: system CAs (https is always verified)
---token-file       DRIVER_PLUGIN_TOKEN_FILE       /var/run/argo/token
---sa-token-file    DRIVER_PLUGIN_SA_TOKEN_FILE    the pod's service-account token (below)
---plugin-name      DRIVER_PLUGIN_PLUGIN_NAME      driver-plugin
---reply-deadline   DRIVER_PLUGIN_REPLY_DEADLINE   20s (below Argo's 30 s client timeout)
---requeue          DRIVER_PLUGIN_REQUEUE          2s
---upstream-timeout DRIVER_PLUGIN_UPSTREAM_TIMEOUT 10m
---max-outage       DRIVER_PLUGIN_MAX_OUTAGE       10m
---max-body         DRIVER_PLUGIN_MAX_BODY         256KiB
---result-ttl       DRIVER_PLUGIN_RESULT_TTL       10m
---log-level        DRIVER_PLUGIN_LOG_LEVEL        info (debug, info, warning, error)
-================== ============================== ==========================================
+================== ====================
+flag               default
+================== ====================
+--host             0.0.0.0
+--port             7581
+--upstream         http://ml-pipeline-driver.kubeflow:8080
+--ca-file          none
+--token-file       /var/run/argo/token
+--sa-token-file    /var/run/secrets/kubernetes.io/serviceaccount/token
+--plugin-name      driver-plugin
+--reply-deadline   20s
+--requeue          2s
+--upstream-timeout 10m
+--max-outage       10m
+--max-body         256KiB
+--result-ttl       10m
+--log-level        info
+================== ====================
 
-The service-account token defaults to /var/run/secrets/kubernetes.io/serviceaccount/token.
 Durations are Go-style (``500ms``, ``20s``, ``1m30s``), sizes are bytes with an optional ``KiB``,
 ``MiB``, ``GiB``, ``KB``, ``MB`` or ``GB`` suffix. Bad settings exit 2 with one line on stderr.
 
@@ -93,9 +93,10 @@ import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Required, TypedDict
 
 __version__ = "0.1.0"
 __all__ = [
@@ -187,6 +188,15 @@ def format_duration(seconds: float) -> str:
     return f"{whole}s"
 
 
+def readable_duration(seconds: float) -> str:
+    """Seconds as the settings are written, whole from a second up: ``8s``, ``1m30s``, ``10m``."""
+    if seconds < 1:
+        return format_duration(seconds)
+    minutes, whole = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (whole, "s")) if n)
+
+
 def format_size(size: int) -> str:
     """Render a byte count the way the settings table documents it (``8MiB``)."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -239,20 +249,80 @@ class _ArgumentParser(argparse.ArgumentParser):
 class Settings:
     """Every knob, parsed once. Build it with :meth:`from_args`; the fields are the flags."""
 
-    host: str = "0.0.0.0"
-    port: int = field(default=7581, metadata={"parse": _port})
-    upstream: str = "http://ml-pipeline-driver.kubeflow:8080"
-    ca_file: str | None = None
-    token_file: str = "/var/run/argo/token"  # noqa: S105 (a path, not a secret)
-    sa_token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105
-    plugin_name: str = "driver-plugin"
-    reply_deadline: float = field(default=20.0, metadata={"parse": _positive_duration})
-    requeue: float = field(default=2.0, metadata={"parse": _positive_duration})
-    upstream_timeout: float = field(default=600.0, metadata={"parse": _positive_duration})
-    max_outage: float = field(default=600.0, metadata={"parse": _duration})
-    max_body: int = field(default=256 << 10, metadata={"parse": parse_size})
-    result_ttl: float = field(default=600.0, metadata={"parse": _duration})
-    log_level: str = field(default="info", metadata={"parse": _log_level})
+    # Each field's "help" is its meaning: --help prints it, and the README's settings table is
+    # checked against it.
+    host: str = field(
+        default="0.0.0.0", metadata={"help": "listen address (kubelet probes reach the pod IP)"}
+    )
+    port: int = field(
+        default=7581, metadata={"parse": _port, "help": "listen port; 0 picks a free one (logged)"}
+    )
+    upstream: str = field(
+        default="http://ml-pipeline-driver.kubeflow:8080",
+        metadata={"help": "the kfp-driver-server; https is verified"},
+    )
+    ca_file: str | None = field(
+        default=None, metadata={"help": "extra CA bundle for an https upstream"}
+    )
+    token_file: str = field(
+        default="/var/run/argo/token",
+        metadata={"help": "the agent's token for this sidecar"},
+    )
+    sa_token_file: str = field(
+        default="/var/run/secrets/kubernetes.io/serviceaccount/token",
+        metadata={"help": "identity sent upstream; omitted (one warning) when absent"},
+    )
+    plugin_name: str = field(
+        default="driver-plugin", metadata={"help": "the template.plugin key this plugin owns"}
+    )
+    reply_deadline: float = field(
+        default=20.0,
+        metadata={
+            "parse": _positive_duration,
+            "help": "every call is answered within this (below Argo's 30 s)",
+        },
+    )
+    requeue: float = field(
+        default=2.0,
+        metadata={
+            "parse": _positive_duration,
+            "help": "how soon the agent asks again about a running call (at most 1h)",
+        },
+    )
+    upstream_timeout: float = field(
+        default=600.0,
+        metadata={
+            "parse": _positive_duration,
+            "help": "how long one driver call may run, from its start, whatever the driver "
+            "server sends",
+        },
+    )
+    max_outage: float = field(
+        default=600.0,
+        metadata={
+            "parse": _duration,
+            "help": "unreachable driver server: Pending until then, then Failed",
+        },
+    )
+    max_body: int = field(
+        default=256 << 10,
+        metadata={
+            "parse": parse_size,
+            "help": "largest request (and driver answer) accepted; peak memory grows by about "
+            "30 times it",
+        },
+    )
+    result_ttl: float = field(
+        default=600.0,
+        metadata={"parse": _duration, "help": "how long a Succeeded result is replayed"},
+    )
+    log_level: str = field(
+        default="info",
+        metadata={
+            "parse": _log_level,
+            "help": "debug, info (one line per call), warning, error",
+        },
+    )
 
     ENV_PREFIX: ClassVar[str] = "DRIVER_PLUGIN_"
 
@@ -319,17 +389,26 @@ class Settings:
         parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
         for setting in fields(cls):
             env_name = cls.ENV_PREFIX + setting.name.upper()
-            default = setting.default
-            if setting.metadata.get("parse") in (_positive_duration, _duration):
-                default = format_duration(float(default))  # type: ignore[arg-type]
-            elif setting.metadata.get("parse") is parse_size:
-                default = format_size(int(default))  # type: ignore[arg-type]
             parser.add_argument(
                 "--" + setting.name.replace("_", "-"),
                 metavar="VALUE",
-                help=f"default {default}; environment {env_name}",
+                help=f"{setting.metadata['help']} (default {cls.shown_default(setting.name)}; "
+                f"environment {env_name})",
             )
         return parser
+
+    @classmethod
+    def shown_default(cls, name: str) -> str:
+        """A setting's default as it is written: ``10m``, ``256KiB``, ``none``."""
+        setting = next(f for f in fields(cls) if f.name == name)
+        default = setting.default
+        if default is None:
+            return "none"
+        if setting.metadata.get("parse") in (_positive_duration, _duration):
+            return format_duration(float(default))  # type: ignore[arg-type]
+        if setting.metadata.get("parse") is parse_size:
+            return format_size(int(default))  # type: ignore[arg-type]
+        return str(default)
 
 
 ###############################################################################
@@ -383,7 +462,7 @@ class Metrics:
         self.bucket_counts = [0] * (len(self.UPSTREAM_BUCKETS) + 1)
         self.upstream_sum = 0.0
 
-    def count_call(self, outcome: str) -> None:
+    def count_call(self, outcome: Outcome) -> None:
         with self._lock:
             self.calls[outcome] = self.calls.get(outcome, 0) + 1
 
@@ -520,21 +599,88 @@ def token_problem(error: SecretUnavailable) -> str:
 ###############################################################################
 
 
+class Parameter(TypedDict, total=False):
+    """An output parameter as Argo's NodeResult holds it: its value is always a string."""
+
+    name: Required[str]
+    value: Required[str]
+    globalName: str
+    description: str
+
+
+class NodeOutputs(TypedDict, total=False):
+    parameters: list[Parameter]
+    result: str
+    exitCode: str
+    artifacts: list[dict[str, Any]]
+
+
+class Node(TypedDict, total=False):
+    """Argo's NodeResult: what the agent reports for a task (``phase`` is never left out)."""
+
+    phase: Required[str]
+    message: str
+    outputs: NodeOutputs
+    progress: str
+
+
+#: Documents from the agent (its body) and the driver server (its answer): untrusted JSON.
+Document = dict[str, Any]
+
+
+class CallLog(TypedDict, total=False):
+    """What a call's log line says besides its reply: never a token, never a body."""
+
+    namespace: str | None
+    workflow: str | None
+    template: str | None
+    request_id: str
+    shared: str  # "joined" a call in flight, or "replayed" a kept result
+    upstream_status: int
+    upstream_error: str
+
+
+class Outcome(StrEnum):
+    """Why a reply is what it is: the ``outcome`` of a call's log line and of its metric."""
+
+    RELAYED = "relayed"  # the driver server's node, made safe
+    FLAT = "flat"  # a flat driver answer, turned into Succeeded with the declared outputs
+    DRIVER_FAILED = "driver_failed"  # the driver server said no (4xx/5xx)
+    BAD_REPLY = "bad_reply"  # an answer no node can be made of: Failed
+    BAD_OUTPUT = "bad_output"  # a declared output that cannot be given a value: Failed
+    PENDING = "pending"  # the driver server is unreachable for now
+    OUTAGE = "outage"  # ... for longer than --max-outage: Failed
+    RUNNING = "running"  # the driver call goes on past the reply deadline
+    INTERNAL = "internal"  # a bug in this file, caught: Failed
+    FOREIGN = "foreign"  # another plugin's template: 200 {}
+    BAD_REQUEST = "bad_request"  # 400 (or 431, 414): not an agent call
+    NO_LENGTH = "no_length"  # 411
+    TOO_LARGE = "too_large"  # 413
+    UNAUTHORIZED = "unauthorized"  # 403: no or wrong agent token
+    TOKEN_UNAVAILABLE = "token_unavailable"  # noqa: S105 (503: the agent token cannot be read)
+    DRAINING = "draining"  # 503: shutting down
+    BUSY = "busy"  # 503: over the memory budget
+    NOT_FOUND = "not_found"  # 404 on any other path
+    BAD_METHOD = "bad_method"  # 405
+    HEALTH = "health"  # /healthz, /readyz
+    METRICS = "metrics"  # /metrics
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One answer to the agent, encoded once (so it can be kept and replayed as is)."""
 
     status: int
     body: bytes
-    outcome: str
+    outcome: Outcome
     phase: str | None = None
     content_type: str = "application/json"
     close: bool = False
     headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def node(cls, node: dict[str, Any], outcome: str, requeue: float | None = None) -> Reply:
-        document: dict[str, Any] = {"node": node}
+    def node(cls, node: Node, outcome: Outcome, requeue: float | None = None) -> Reply:
+        document: Document = {"node": node}
         if requeue is not None:
             document["requeue"] = format_duration(requeue)
         try:
@@ -543,16 +689,16 @@ class Reply:
             return cls.failed(
                 "the reply would carry a string with a lone UTF-16 surrogate escape (such as "
                 "\\ud800), from the driver server's answer or the template: not Unicode text",
-                "bad_reply",
+                Outcome.BAD_REPLY,
             )
         return cls(200, body, outcome, phase=node["phase"])
 
     @classmethod
-    def failed(cls, message: str, outcome: str) -> Reply:
+    def failed(cls, message: str, outcome: Outcome) -> Reply:
         return cls.node({"phase": "Failed", "message": message}, outcome)
 
     @classmethod
-    def text(cls, status: int, message: str, outcome: str, close: bool = False) -> Reply:
+    def text(cls, status: int, message: str, outcome: Outcome, close: bool = False) -> Reply:
         # No trailing newline: the agent puts a non-200 body verbatim into the node's message.
         body = message.encode()
         return cls(status, body, outcome, content_type="text/plain; charset=utf-8", close=close)
@@ -566,7 +712,7 @@ def _dumps(document: Any) -> bytes:
     return _ENCODER.encode(document).encode()
 
 
-NOT_MINE = Reply(200, b"{}", "foreign")
+NOT_MINE = Reply(200, b"{}", Outcome.FOREIGN)
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 _QUOTE_LIMIT = 200
 
@@ -622,7 +768,7 @@ def json_path(document: Any, path: str) -> Any:
     return value
 
 
-def declared_outputs(template: dict[str, Any]) -> list[dict[str, Any]]:
+def declared_outputs(template: Document) -> list[Document]:
     outputs = template.get("outputs")
     parameters = outputs.get("parameters") if isinstance(outputs, dict) else None
     if not isinstance(parameters, list):
@@ -630,27 +776,28 @@ def declared_outputs(template: dict[str, Any]) -> list[dict[str, Any]]:
     return [p for p in parameters if isinstance(p, dict) and isinstance(p.get("name"), str)]
 
 
-def _declared_default(parameter: dict[str, Any]) -> Any:
+def _declared_default(parameter: Document) -> Any:
     value_from = parameter.get("valueFrom")
     if isinstance(value_from, dict) and "default" in value_from:
         return value_from["default"]
     return parameter.get("default", _MISSING)
 
 
-def _output(parameter: dict[str, Any], value: Any) -> dict[str, Any]:
-    output = {"name": parameter["name"], "value": parameter_value(value)}
+def _output(parameter: Document, value: Any) -> Parameter:
+    output: Parameter = {"name": parameter["name"], "value": parameter_value(value)}
     if isinstance(parameter.get("globalName"), str):
         output["globalName"] = parameter["globalName"]
     return output
 
 
-def outputs_from_flat(answer: dict[str, Any], template: dict[str, Any]) -> Reply:
+def outputs_from_flat(answer: Document, template: Document) -> Reply:
     """A flat driver answer becomes Succeeded with the declared outputs, as Argo never does.
 
     Argo's controller ignores ``valueFrom.jsonPath`` on plugin templates, so each declared
     parameter is resolved here: its jsonPath into the answer, else its defaults.
     """
-    parameters, missing = [], []
+    parameters: list[Parameter] = []
+    missing: list[str] = []
     for parameter in declared_outputs(template):
         value_from = parameter.get("valueFrom")
         path = value_from.get("jsonPath") if isinstance(value_from, dict) else None
@@ -659,7 +806,7 @@ def outputs_from_flat(answer: dict[str, Any], template: dict[str, Any]) -> Reply
             try:
                 value = json_path(answer, path)
             except ValueError as error:
-                return Reply.failed(f"output {parameter['name']!r}: {error}", "bad_output")
+                return Reply.failed(f"output {parameter['name']!r}: {error}", Outcome.BAD_OUTPUT)
         elif "value" in parameter:
             value = parameter["value"]
         if value is _MISSING or value is None:
@@ -670,30 +817,32 @@ def outputs_from_flat(answer: dict[str, Any], template: dict[str, Any]) -> Reply
             parameters.append(_output(parameter, value))
     if missing:
         return missing_outputs(missing)
-    node: dict[str, Any] = {"phase": "Succeeded"}
+    node: Node = {"phase": "Succeeded"}
     if parameters:
         node["outputs"] = {"parameters": parameters}
-    return Reply.node(node, "flat")
+    return Reply.node(node, Outcome.FLAT)
 
 
 def missing_outputs(names: list[str]) -> Reply:
     """A Succeeded answer without a declared output: fail here, not at Argo's later lookup."""
     listed = ", ".join(repr(name) for name in names)
     return Reply.failed(
-        f"driver server answer has no value and no default for output(s) {listed}", "bad_output"
+        f"driver server answer has no value and no default for output(s) {listed}",
+        Outcome.BAD_OUTPUT,
     )
 
 
 def normalise_node(
-    node: dict[str, Any], requeue: Any, template: dict[str, Any], default_requeue: float
+    node: Document, requeue: Any, template: Document, default_requeue: float
 ) -> Reply:
     """Make a driver server's node safe for the agent: valid phase, string values, Go requeue."""
     phase = node.get("phase")
     if not isinstance(phase, str) or phase not in KNOWN_PHASES:
         return Reply.failed(
-            f"driver server answered a node without a valid phase (phase={phase!r})", "bad_reply"
+            f"driver server answered a node without a valid phase (phase={phase!r})",
+            Outcome.BAD_REPLY,
         )
-    clean: dict[str, Any] = {"phase": phase}
+    clean: Node = {"phase": phase}
     if node.get("message") not in (None, ""):
         clean["message"] = parameter_value(node["message"])
     if isinstance(node.get("progress"), str):
@@ -702,9 +851,9 @@ def normalise_node(
     if outputs is not None:
         if not isinstance(outputs, dict):
             return Reply.failed(
-                "driver server answered outputs that are not an object", "bad_reply"
+                "driver server answered outputs that are not an object", Outcome.BAD_REPLY
             )
-        clean_outputs: dict[str, Any] = {}
+        clean_outputs: NodeOutputs = {}
         parameters = outputs.get("parameters")
         if parameters is not None:
             if not isinstance(parameters, list) or not all(
@@ -712,12 +861,14 @@ def normalise_node(
             ):
                 # The TaskSet patch would be refused and Error every node in the agent's batch.
                 return Reply.failed(
-                    "driver server answered output parameters without valid names", "bad_reply"
+                    "driver server answered output parameters without valid names",
+                    Outcome.BAD_REPLY,
                 )
             clean_outputs["parameters"] = [_clean_parameter(p) for p in parameters]
-        for key in ("result", "exitCode"):
-            if key in outputs:
-                clean_outputs[key] = parameter_value(outputs[key])
+        if "result" in outputs:
+            clean_outputs["result"] = parameter_value(outputs["result"])
+        if "exitCode" in outputs:
+            clean_outputs["exitCode"] = parameter_value(outputs["exitCode"])
         artifacts = outputs.get("artifacts")
         if isinstance(artifacts, list) and all(
             isinstance(a, dict) and isinstance(a.get("name"), str) for a in artifacts
@@ -731,19 +882,20 @@ def normalise_node(
             return missing_outputs(missing)
     if phase in TERMINAL_PHASES:
         # A terminal phase with a requeue makes the agent call again for a pruned task.
-        return Reply.node(clean, "relayed")
-    return Reply.node(clean, "relayed", requeue=_requeue_seconds(requeue, default_requeue))
+        return Reply.node(clean, Outcome.RELAYED)
+    return Reply.node(clean, Outcome.RELAYED, requeue=_requeue_seconds(requeue, default_requeue))
 
 
 _PARAMETER_NAME = re.compile(r"[-a-zA-Z0-9_]+")
 
 
-def _clean_parameter(parameter: dict[str, Any]) -> dict[str, Any]:
+def _clean_parameter(parameter: Document) -> Parameter:
     """Name, string value, and the string fields Argo reads; a mistyped one would fail decoding."""
-    clean = {"name": parameter["name"], "value": parameter_value(parameter.get("value"))}
-    for key in ("globalName", "description"):
-        if isinstance(parameter.get(key), str):
-            clean[key] = parameter[key]
+    clean: Parameter = {"name": parameter["name"], "value": parameter_value(parameter.get("value"))}
+    if isinstance(parameter.get("globalName"), str):
+        clean["globalName"] = parameter["globalName"]
+    if isinstance(parameter.get("description"), str):
+        clean["description"] = parameter["description"]
     return clean
 
 
@@ -751,7 +903,7 @@ def _is_parameter_name(name: Any) -> bool:
     return isinstance(name, str) and _PARAMETER_NAME.fullmatch(name) is not None
 
 
-def _fill_declared_defaults(node: dict[str, Any], template: dict[str, Any]) -> list[str]:
+def _fill_declared_defaults(node: Node, template: Document) -> list[str]:
     """Add declared outputs the driver omitted but that have a default, so references resolve;
     returns the names of those without one."""
     declared = declared_outputs(template)
@@ -827,7 +979,7 @@ class UpstreamResponse:
         )
 
 
-def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settings) -> Reply:
+def judge(response: UpstreamResponse, template: Document, settings: Settings) -> Reply:
     """The reply table: every driver server answer maps to exactly one agent reply here.
 
     Transient answers (429, 502, 503, 504) raise UpstreamUnavailable; the caller retries them and
@@ -836,21 +988,21 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
     status, body = response.status, response.body
     described = f"{status} {response.reason}".strip()
     if response.problem:
-        return Reply.failed(response.problem, "bad_reply")
+        return Reply.failed(response.problem, Outcome.BAD_REPLY)
     if status in TRANSIENT_STATUSES:
         raise UpstreamUnavailable(f"driver server answered {described}: {_quote(body)}")
     if 300 <= status < 400:
         return Reply.failed(
             f"driver server redirected ({described}) to {response.headers.get('location')!r}; "
             "redirects are not followed: check --upstream",
-            "bad_reply",
+            Outcome.BAD_REPLY,
         )
     if status >= 400:
-        return Reply.failed(f"driver server: {described}: {_quote(body)}", "driver_failed")
+        return Reply.failed(f"driver server: {described}: {_quote(body)}", Outcome.DRIVER_FAILED)
     if status != 200:
         return Reply.failed(
             f"driver server answered {described} where 200 was expected: {_quote(body)}",
-            "bad_reply",
+            Outcome.BAD_REPLY,
         )
     try:
         answer = json.loads(body)
@@ -860,13 +1012,14 @@ def judge(response: UpstreamResponse, template: dict[str, Any], settings: Settin
         return Reply.failed(
             f"driver server answered 200 with something that is not a JSON object "
             f"(Content-Type {response.headers.get('content-type', 'none')!r}): {_quote(body)}",
-            "bad_reply",
+            Outcome.BAD_REPLY,
         )
     if "node" in answer:
         node = answer["node"]
         if not isinstance(node, dict):
             return Reply.failed(
-                f"driver server answered without a node (node={_quote(_dumps(node))})", "bad_reply"
+                f"driver server answered without a node (node={_quote(_dumps(node))})",
+                Outcome.BAD_REPLY,
             )
         return normalise_node(node, answer.get("requeue"), template, settings.requeue)
     return outputs_from_flat(answer, template)
@@ -1019,7 +1172,7 @@ class Upstream:
                     raise ConfigError(f"--ca-file {settings.ca_file}: {error}") from None
         self.timed_out = (
             f"driver server at {self.netloc} did not answer within --upstream-timeout "
-            f"({format_duration(settings.upstream_timeout)})"
+            f"({readable_duration(settings.upstream_timeout)})"
         )
         self._idle: list[http.client.HTTPConnection] = []
 
@@ -1263,9 +1416,9 @@ class CallTable:
                 first = self._outages[key] = now
             if now - first >= self.max_outage:
                 del self._outages[key]
-                lasted = format_duration(now - first) if now > first else "0s"
-                return Reply.failed(f"{reason} (for {lasted}; giving up)", "outage")
-        return Reply.node({"phase": "Pending", "message": reason}, "pending", requeue=requeue)
+                lasted = readable_duration(now - first) if now > first else "0s"
+                return Reply.failed(f"{reason} (for {lasted}; giving up)", Outcome.OUTAGE)
+        return Reply.node({"phase": "Pending", "message": reason}, Outcome.PENDING, requeue=requeue)
 
     def recovered(self, key: bytes) -> None:
         if self._outages:
@@ -1309,11 +1462,11 @@ class Relay:
         self.holding = ByteBudget(self.held_bodies * settings.max_body)
         self.still_running = Reply.node(
             {"phase": "Running", "message": "driver call still running"},
-            "running",
+            Outcome.RUNNING,
             requeue=settings.requeue,
         )
         self.busy = Reply.text(
-            503, "driver-plugin is at its memory budget; ask again", "busy", close=True
+            503, "driver-plugin is at its memory budget; ask again", Outcome.BUSY, close=True
         )
         #: Hooks for tests and embedders, called with the call's key: ``on_join`` when a
         #: caller joins a driver call in flight, ``on_finish`` once a driver call's reply is
@@ -1332,10 +1485,10 @@ class Relay:
         wait = min(self.budget_wait, max(0.0, deadline - time.monotonic()))
         return self.holding.take(length, wait)
 
-    def execute(self, body: bytes, began: float, held: int) -> tuple[Reply, dict[str, Any]]:
+    def execute(self, body: bytes, began: float, held: int) -> tuple[Reply, CallLog]:
         """The reply to an agent call whose token was checked; ``held`` bytes of the holding
         budget are the body's, and are given back here or when its driver call ends."""
-        fields: dict[str, Any] = {}
+        fields: CallLog = {}
         owned = False
         try:
             deadline = began + self.settings.reply_deadline
@@ -1367,7 +1520,7 @@ class Relay:
                     return self.still_running, fields
                 fields["upstream_error"] = call.problem
                 return self.calls.outage(key, call.problem, self.settings.requeue), fields
-            if reply.outcome in ("pending", "outage"):
+            if reply.outcome in (Outcome.PENDING, Outcome.OUTAGE):
                 fields["upstream_error"] = call.problem
             return reply, fields
         except Exception as error:  # a bug must not leave the agent without an answer
@@ -1376,17 +1529,17 @@ class Relay:
             if not owned:
                 self.holding.give(held)
 
-    def _read_call(self, body: bytes, fields: dict[str, Any]) -> Reply | None:
+    def _read_call(self, body: bytes, fields: CallLog) -> Reply | None:
         """None for a call of ours; else the reply to it (400, or "not mine")."""
         try:
             document = json.loads(body)
         except (ValueError, RecursionError) as error:
-            return Reply.text(400, f"body is not JSON: {error}", "bad_request")
+            return Reply.text(400, f"body is not JSON: {error}", Outcome.BAD_REQUEST)
         workflow = document.get("workflow") if isinstance(document, dict) else None
         template = document.get("template") if isinstance(document, dict) else None
         if not isinstance(workflow, dict) or not isinstance(template, dict):
             message = "body must be a JSON object with object-valued workflow and template"
-            return Reply.text(400, message, "bad_request")
+            return Reply.text(400, message, Outcome.BAD_REQUEST)
         metadata = workflow.get("metadata")
         if isinstance(metadata, dict):
             fields["namespace"] = _name(metadata.get("namespace"))
@@ -1472,12 +1625,12 @@ class Relay:
             at=_where(error),
             request_id=request_id,
         )
-        return Reply.failed(f"driver-plugin internal error ({kind}); see its log", "internal")
+        return Reply.failed(f"driver-plugin internal error ({kind}); see its log", Outcome.INTERNAL)
 
 
-def _template(body: bytes) -> dict[str, Any]:
+def _template(body: bytes) -> Document:
     """The template of a body :meth:`Relay.execute` has already read as an agent call."""
-    template: dict[str, Any] = json.loads(body)["template"]
+    template: Document = json.loads(body)["template"]
     return template
 
 
@@ -1599,7 +1752,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         self.raw_requestline = self.rfile.readline(65537)
         if len(self.raw_requestline) > 65536:
             self.requestline = self.request_version = self.command = ""
-            self._send(Reply.text(414, "request line too long", "bad_request", close=True))
+            self._send(Reply.text(414, "request line too long", Outcome.BAD_REQUEST, close=True))
             return
         if not self.raw_requestline.endswith(b"\n"):  # end of file, idle or head timeout
             self.close_connection = True
@@ -1631,7 +1784,9 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # no 5xx but the defined 503s
             code, message = 400, "use HTTP/1.1"
         self._send(
-            Reply.text(code, message or _PHRASES.get(code, "error"), "bad_request", close=True)
+            Reply.text(
+                code, message or _PHRASES.get(code, "error"), Outcome.BAD_REQUEST, close=True
+            )
         )
 
     def handle_expect_100(self) -> bool:
@@ -1647,7 +1802,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         path = self.path.partition("?")[0]
         methods = self.ROUTES.get(path)
-        self.fields: dict[str, Any] = {}
+        self.fields: CallLog = {}
         if path == EXECUTE_PATH and self.command == "POST":
             with self.server.active():  # a drain waits for the reply to be written, too
                 reply = self._execute()
@@ -1655,14 +1810,14 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             self._account(reply)
             return
         if methods is None:
-            reply = Reply.text(404, f"no route {path!r}", "not_found")
+            reply = Reply.text(404, f"no route {path!r}", Outcome.NOT_FOUND)
         elif self.command not in methods:
             allow = ", ".join(methods)
             body = f"{path} accepts {allow}\n".encode()
             reply = Reply(
                 405,
                 body,
-                "bad_method",
+                Outcome.BAD_METHOD,
                 None,
                 "text/plain; charset=utf-8",
                 headers=(("Allow", allow),),
@@ -1713,17 +1868,17 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
     def _declared_length(self) -> int | Reply:
         if "Transfer-Encoding" in self.headers:
             return Reply.text(
-                411, "send the body with Content-Length, not chunked", "no_length", True
+                411, "send the body with Content-Length, not chunked", Outcome.NO_LENGTH, True
             )
         values = self.headers.get_all("Content-Length", [])
         if not values:
-            return Reply.text(411, "Content-Length is required", "no_length", close=True)
+            return Reply.text(411, "Content-Length is required", Outcome.NO_LENGTH, close=True)
         raw, limit = values[0].strip(), self.server.settings.max_body
         if len(values) > 1 or not (raw.isascii() and raw.isdigit()):
-            return Reply.text(400, "one numeric Content-Length, please", "bad_request", True)
+            return Reply.text(400, "one numeric Content-Length, please", Outcome.BAD_REQUEST, True)
         # Length before int(): Python refuses to convert more than 4300 digits.
         if len(raw.lstrip("0")) > len(str(limit)) or int(raw) > limit:
-            return Reply.text(413, f"body over --max-body ({limit} bytes)", "too_large", True)
+            return Reply.text(413, f"body over --max-body ({limit} bytes)", Outcome.TOO_LARGE, True)
         return int(raw)
 
     # Routes ##################################################################
@@ -1732,20 +1887,22 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         """The reply to a call refused before its body is read; None if it may go on."""
         server = self.server
         if server.draining:
-            return Reply.text(503, "driver-plugin is shutting down; ask again", "draining", True)
+            return Reply.text(
+                503, "driver-plugin is shutting down; ask again", Outcome.DRAINING, True
+            )
         length = self._declared_length()
         if isinstance(length, Reply):
             return length
         if len(self.headers.get_all("Authorization", [])) > 1:
             # Proxies disagree on which one counts: fail closed rather than pick one.
             message = "more than one Authorization header: ambiguous, refused"
-            return Reply.text(400, message, "bad_request", close=True)
+            return Reply.text(400, message, Outcome.BAD_REQUEST, close=True)
         try:
             token = server.agent_token.read()
         except SecretUnavailable as error:
-            return Reply.text(503, token_problem(error), "token_unavailable", close=True)
+            return Reply.text(503, token_problem(error), Outcome.TOKEN_UNAVAILABLE, close=True)
         if not bearer_matches(self.headers.get("Authorization"), token):
-            return Reply.text(403, "forbidden", "unauthorized", close=True)
+            return Reply.text(403, "forbidden", Outcome.UNAUTHORIZED, close=True)
         return None
 
     def _execute(self) -> Reply:
@@ -1772,22 +1929,22 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         return reply
 
     def _healthz(self) -> Reply:
-        return Reply.text(200, "ok", "health")
+        return Reply.text(200, "ok", Outcome.HEALTH)
 
     def _readyz(self) -> Reply:
         if self.server.draining:
-            return Reply.text(503, "draining", "health")
+            return Reply.text(503, Outcome.DRAINING, Outcome.HEALTH)
         try:
             self.server.agent_token.read()
         except SecretUnavailable as error:
-            return Reply.text(503, token_problem(error), "health")
-        return Reply.text(200, "ready", "health")
+            return Reply.text(503, token_problem(error), Outcome.HEALTH)
+        return Reply.text(200, "ready", Outcome.HEALTH)
 
     def _metrics(self) -> Reply:
         return Reply(
             200,
             self.server.metrics.render(),
-            "metrics",
+            Outcome.METRICS,
             content_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
@@ -1955,6 +2112,12 @@ class _Active:
 def make_server(settings: Settings, log: JsonLog | None = None) -> PluginServer:
     """Build (and bind) the server; tests and embedders call this, then :func:`serve`."""
     server = PluginServer(settings, log)
+    if not server.agent_token.exists():
+        server.log.log(
+            "warning",
+            "no Argo agent token yet: calls get 503 until Argo's agent init writes it",
+            token_file=settings.token_file,
+        )
     if not server.sa_token.exists():
         server.log.log(
             "warning",

@@ -380,9 +380,6 @@ def test_settings_defaults_match_the_documented_table() -> None:
     assert (settings.reply_deadline, settings.requeue) == (20.0, 2.0)
     assert (settings.upstream_timeout, settings.max_outage, settings.result_ttl) == (600,) * 3
     assert settings.max_body == 256 * 1024
-    for setting in dataclasses.fields(dp.Settings):
-        env = "DRIVER_PLUGIN_" + setting.name.upper()
-        assert env in (dp.__doc__ or ""), f"{env} is missing from the module docstring"
 
 
 def test_environment_is_read_and_flags_win() -> None:
@@ -464,23 +461,48 @@ def test_durations_parse_as_go_does(text: str, seconds: float) -> None:
     assert go_parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.25, "250ms"), (8.01, "8s"), (90, "1m30s"), (600, "10m"), (3725.4, "1h2m5s")],
+)
+def test_durations_in_messages_read_as_settings_are_written(seconds: float, text: str) -> None:
+    assert dp.readable_duration(seconds) == text
+    assert go_parse_duration(text) == pytest.approx(seconds, abs=0.5)
+
+
 @pytest.mark.parametrize("seconds", [0.001, 0.5, 2, 5, 90, 600, 1.25, 3600, 7200])
 def test_formatted_durations_are_valid_go_durations(seconds: float) -> None:
     assert go_parse_duration(dp.format_duration(seconds)) == pytest.approx(seconds)
 
 
-def test_help_prints_every_default_as_the_docstring_documents_it(
+def settings_rows() -> list[tuple[str, str, str, str]]:
+    """The settings table as the code has it: flag, environment, default, meaning."""
+    return [
+        (
+            "--" + setting.name.replace("_", "-"),
+            "DRIVER_PLUGIN_" + setting.name.upper(),
+            dp.Settings.shown_default(setting.name),
+            setting.metadata["help"],
+        )
+        for setting in dataclasses.fields(dp.Settings)
+    ]
+
+
+def test_the_settings_table_is_written_once_and_the_copies_match_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    rows = settings_rows()
+    readme = Path(__file__).with_name("README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Settings", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `(--[a-z-]+)` \| `(\w+)` \| `([^`]*)` \| (.*) \|$", section, re.M)
+    assert documented == rows, "README's settings table differs from Settings"
+    in_docstring = re.findall(r"^(--[a-z-]+) +(\S+)$", dp.__doc__ or "", re.M)
+    assert in_docstring == [(flag, default) for flag, _, default, _ in rows]
     with pytest.raises(SystemExit):
         dp.Settings.argument_parser().parse_args(["--help"])
-    out = capsys.readouterr().out
-    shown = dict(re.findall(r"--([a-z-]+) VALUE\s+default\s+(\S+);", out))
-    documented = dict(re.findall(r"^--([a-z-]+) +DRIVER_PLUGIN_\w+ +(\S+)", dp.__doc__ or "", re.M))
-    assert len(shown) == len(dataclasses.fields(dp.Settings))
-    for name, default in shown.items():
-        if default not in ("None", dp.Settings.sa_token_file):  # documented in words
-            assert documented[name] == default, name
+    shown = " ".join(capsys.readouterr().out.split())
+    for flag, env, default, meaning in rows:
+        assert f"{flag} VALUE {meaning} (default {default}; environment {env})" in shown
 
 
 ###############################################################################
@@ -821,6 +843,16 @@ def test_without_a_service_account_token_nothing_is_sent_and_one_warning_logged(
     assert [seen.headers.get("Authorization") for seen in driver.seen] == [None, None]
     warnings = [line for line in plugin.log_lines() if line["level"] == "warning"]
     assert len(warnings) == 1 and "service-account token" in warnings[0]["msg"]
+
+
+def test_a_missing_agent_token_is_warned_about_once_at_start_up(
+    start: Callable[..., Plugin], tmp_path: Path
+) -> None:
+    plugin = start(token_file=str(tmp_path / "not-yet"))
+    assert plugin.execute(agent_call())[0] == 503
+    warnings = [line for line in plugin.log_lines() if line["level"] == "warning"]
+    assert [line["token_file"] for line in warnings] == [str(tmp_path / "not-yet")]
+    assert all(line["level"] != "warning" for line in start().log_lines())  # token there
 
 
 @pytest.mark.parametrize("content", ["two\nlines", "caf\u00e9", "with space"])
