@@ -653,6 +653,7 @@ class Outcome(StrEnum):
     RUNNING = "running"  # the driver call goes on past the reply deadline
     INTERNAL = "internal"  # a bug in this file, caught: Failed
     FOREIGN = "foreign"  # another plugin's template: 200 {}
+    WRONG_NAMESPACE = "wrong_namespace"  # args claim another namespace than the workflow's: Failed
     BAD_REQUEST = "bad_request"  # 400 (or 431, 414): not an agent call
     NO_LENGTH = "no_length"  # 411
     TOO_LARGE = "too_large"  # 413
@@ -1548,6 +1549,18 @@ class Relay:
         plugin = template.get("plugin")
         if not isinstance(plugin, dict) or self.settings.plugin_name not in plugin:
             return NOT_MINE
+        # The agent fills the workflow's namespace from its own pod: args must not claim another
+        # profile's (the driver server checks the same against the caller's token).
+        own = metadata.get("namespace") if isinstance(metadata, dict) else None
+        ours = plugin[self.settings.plugin_name]
+        args = ours.get("args") if isinstance(ours, dict) else None
+        claimed = args.get("namespace", own) if isinstance(args, dict) else own
+        if claimed != own:
+            return Reply.failed(
+                f"args.namespace {_quote_value(claimed)} is not the workflow's namespace "
+                f"{_quote_value(own)}: refused, not forwarded",
+                Outcome.WRONG_NAMESPACE,
+            )
         return None
 
     def _new_request_id(self) -> str:
@@ -1659,6 +1672,13 @@ class _BoundedHead:
             # http.server would take the lines so far as the whole head. Nobody to answer.
             raise ConnectionAbortedError("the request head ended early")
         return line
+
+
+def _quote_value(value: Any) -> str:
+    """A value from the body, quoted short for a message."""
+    return (
+        _quote(_ENCODER.encode(value).encode()) if not isinstance(value, str) else repr(value[:100])
+    )
 
 
 def _name(value: Any) -> str | None:

@@ -789,6 +789,27 @@ def test_templates_of_other_plugins_get_200_empty_and_are_not_forwarded(
     assert driver.seen == []
 
 
+@pytest.mark.parametrize("claimed", ["team-b", "", None, 7])
+def test_args_naming_another_namespace_are_refused_not_forwarded(
+    start: Callable[..., Plugin], driver: FakeDriver, claimed: Any
+) -> None:
+    view = start().agent(agent_call({"type": "CONTAINER", "namespace": claimed}))
+    assert view.phase == "Failed"
+    assert "is not the workflow's namespace 'team-a'" in view.message
+    assert not driver.seen
+
+
+def test_args_naming_the_workflows_namespace_or_none_are_forwarded(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    plugin = start()
+    assert (
+        plugin.agent(agent_call({"type": "CONTAINER", "namespace": "team-a"})).phase == "Succeeded"
+    )
+    assert plugin.agent(agent_call({"type": "CONTAINER"})).phase == "Succeeded"
+    assert len(driver.seen) == 2
+
+
 def test_the_plugin_name_setting_chooses_the_key(
     start: Callable[..., Plugin], driver: FakeDriver
 ) -> None:
