@@ -38,24 +38,26 @@ Routes: ``POST /api/v1/template.execute``, ``GET /healthz`` (the process serves)
 Settings: each flag also reads ``DRIVER_PLUGIN_<FLAG>`` (upper case, dashes as underscores; the
 flag wins over the environment); ``--help`` says what each means:
 
-================== ====================
-flag               default
-================== ====================
---host             0.0.0.0
---port             7581
---upstream         http://ml-pipeline-driver.kubeflow:8080
---ca-file          none
---token-file       /var/run/argo/token
---sa-token-file    /var/run/secrets/kubernetes.io/serviceaccount/token
---plugin-name      driver-plugin
---reply-deadline   20s
---requeue          2s
---upstream-timeout 10m
---max-outage       10m
---max-body         256KiB
---result-ttl       10m
---log-level        info
-================== ====================
+======================= ====================
+flag                    default
+======================= ====================
+--host                  0.0.0.0
+--port                  7581
+--upstream              http://ml-pipeline-driver.kubeflow:8080
+--ca-file               none
+--token-file            /var/run/argo/token
+--sa-token-file         /var/run/secrets/kubernetes.io/serviceaccount/token
+--plugin-name           driver-plugin
+--reply-deadline        20s
+--requeue               2s
+--upstream-timeout      10m
+--max-outage            10m
+--max-body              256KiB
+--upstream-keepalive    4
+--upstream-idle-timeout 30s
+--result-ttl            10m
+--log-level             info
+======================= ====================
 
 Durations are Go-style (``500ms``, ``20s``, ``1m30s``), sizes are bytes with an optional ``KiB``,
 ``MiB``, ``GiB``, ``KB``, ``MB`` or ``GB`` suffix. Bad settings exit 2 with one line on stderr.
@@ -234,6 +236,12 @@ def _port(text: str) -> int:
     return port
 
 
+def _count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError(f"not a count: {text!r}")
+    return int(text)
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in _LOG_LEVELS:
         raise ValueError(f"unknown log level {text!r} (one of {', '.join(_LOG_LEVELS)})")
@@ -310,6 +318,21 @@ class Settings:
             "parse": parse_size,
             "help": "largest request (and driver answer) accepted; peak memory grows by about "
             "30 times it",
+        },
+    )
+    upstream_keepalive: int = field(
+        default=4,
+        metadata={
+            "parse": _count,
+            "help": "idle connections to the driver server kept for the next calls (a call in "
+            "flight holds one of its own)",
+        },
+    )
+    upstream_idle_timeout: float = field(
+        default=30.0,
+        metadata={
+            "parse": _duration,
+            "help": "an idle connection to the driver server is closed after this",
         },
     )
     result_ttl: float = field(
@@ -1141,6 +1164,17 @@ class _Exchange:
         _cut(self.connection.sock)
 
 
+@dataclass(slots=True, eq=False)
+class _Idle:
+    """A kept connection; the watchdog closes it once it has been idle too long."""
+
+    connection: http.client.HTTPConnection
+    pool: Upstream
+
+    def expire(self) -> None:
+        self.pool._drop(self)
+
+
 class Upstream:
     """The driver server's client: ``http.client`` connections, kept alive and reused.
 
@@ -1149,8 +1183,6 @@ class Upstream:
     is not HTTP).
     """
 
-    #: Idle connections kept; more are closed after use.
-    max_idle = 32
     #: Seconds a connect may take (a driver server that drops packets); reads and writes are
     #: bounded by the call's deadline instead.
     connect_timeout = 5.0
@@ -1175,19 +1207,50 @@ class Upstream:
             f"driver server at {self.netloc} did not answer within --upstream-timeout "
             f"({readable_duration(settings.upstream_timeout)})"
         )
-        self._idle: list[http.client.HTTPConnection] = []
+        self.keepalive = settings.upstream_keepalive
+        self.idle_timeout = settings.upstream_idle_timeout
+        self._idle: list[_Idle] = []  # the most recently used last
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        while self._idle:
-            self._idle.pop().close()
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for entry in idle:
+            self.watchdog.forget(entry)
+            entry.connection.close()
+
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    def _keep(self, connection: http.client.HTTPConnection) -> None:
+        """Keep a connection for the next call, for ``--upstream-idle-timeout`` at most."""
+        entry = _Idle(connection, self)
+        with self._lock:
+            kept = len(self._idle) < self.keepalive
+            if kept:
+                self._idle.append(entry)
+        if kept:
+            self.watchdog.watch(entry, time.monotonic() + self.idle_timeout)
+        else:
+            connection.close()
+
+    def _drop(self, entry: _Idle) -> None:
+        """The watchdog's: a connection idle for too long is closed."""
+        with self._lock:
+            if entry not in self._idle:
+                return  # taken for a call meanwhile
+            self._idle.remove(entry)
+        entry.connection.close()
 
     def _connection(self, deadline: float) -> tuple[http.client.HTTPConnection, bool]:
         """A kept connection that is still open, else a new one: (connection, reused)."""
-        while self._idle:
-            try:
-                connection = self._idle.pop()
-            except IndexError:  # another thread took the last one
+        while True:
+            with self._lock:
+                entry = self._idle.pop() if self._idle else None
+            if entry is None:
                 break
+            self.watchdog.forget(entry)
+            connection = entry.connection
             # Readable while idle means the server closed it (or sent junk): never reuse that.
             if connection.sock is not None and not _readable(connection.sock):
                 return connection, True
@@ -1234,8 +1297,8 @@ class Upstream:
             if exchange.expired:  # the cut can read as a clean end of the answer
                 connection.close()
                 raise UpstreamUnavailable(self.timed_out)
-            if reusable and len(self._idle) < self.max_idle:
-                self._idle.append(connection)
+            if reusable:
+                self._keep(connection)
             else:
                 connection.close()
             return response.redacted(secret) if secret else response

@@ -1625,6 +1625,46 @@ def test_a_deadline_within_the_retry_budget_still_names_the_outage(
     assert view.message == f"driver server unreachable: connection refused by 127.0.0.1:{port}"
 
 
+def connections_to(port: int) -> int:
+    """Established TCP connections to loopback ``port`` (their client ends, in this netns)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        remote, state = line.split()[2:4]
+        if state == "01" and int(remote.split(":")[1], 16) == port:
+            count += 1
+    return count
+
+
+def test_upstream_connections_during_and_after_a_16_worker_burst(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    gate = threading.Event()
+    driver.script = lambda body: Answer(gate=gate)
+    plugin = start(upstream_keepalive=4, upstream_idle_timeout=0.5)
+    plugin.server.watchdog.interval = 0.05
+    port = int(driver.url.rsplit(":", 1)[1])
+    views: list[AgentView] = []
+    bodies = [agent_call({"type": "CONTAINER", "task_name": f"t{n}"}) for n in range(16)]
+    callers = [threading.Thread(target=lambda b=b: views.append(plugin.agent(b))) for b in bodies]
+    for caller in callers:  # the agent's 16 workers, each with its own driver call
+        caller.start()
+    for _ in bodies:
+        assert driver.received.acquire(timeout=10)
+    during = connections_to(port)
+    gate.set()
+    for caller in callers:
+        caller.join(10)
+    assert [view.phase for view in views] == ["Succeeded"] * 16
+    after = connections_to(port)
+    for _ in range(200):  # the watchdog closes idle connections past --upstream-idle-timeout
+        if connections_to(port) == 0:
+            break
+        time.sleep(0.01)  # waiting for the watchdog's next look
+    print(f"upstream connections: {during} during the burst, {after} kept after it, then 0")
+    assert (during, after, connections_to(port)) == (16, 4, 0)
+    assert plugin.server.relay.upstream.idle_connections() == 0
+
+
 def test_a_call_over_the_memory_budget_gets_a_503_the_agent_retries(
     start: Callable[..., Plugin], driver: FakeDriver
 ) -> None:

@@ -105,14 +105,14 @@ def back_to_idle(
 ) -> None:
     """Wait (bounded) until every thread and socket opened since ``baseline`` is gone.
 
-    The plugin keeps up to ``Upstream.max_idle`` idle keep-alive connections to the driver
+    The plugin keeps up to ``--upstream-keepalive`` idle keep-alive connections to the driver
     server by design; they are closed here (after checking the bound) so that what remains is
     what the plugin leaked, if anything. ``also``: sockets the test itself replaced meanwhile.
     """
     upstream = plugin.server.relay.upstream
     deadline = time.monotonic() + within
     while True:
-        assert len(upstream._idle) <= upstream.max_idle
+        assert upstream.idle_connections() <= upstream.keepalive
         upstream.close()
         threads = [thread.name for thread in baseline.new_threads()]
         sockets = open_sockets() - baseline.sockets - set(also)
