@@ -80,6 +80,7 @@ import io
 import json
 import math
 import os
+import queue
 import re
 import secrets
 import select
@@ -1387,6 +1388,34 @@ def describe_transport_error(error: BaseException, netloc: str) -> str:
     return f"driver server at {netloc} failed: {getattr(error, 'strerror', None) or error}"
 
 
+class Workers:
+    """Threads that run driver calls, reused: starting a thread for each call cost more CPU than
+    the rest of the call. As many as there are calls in flight (a slow call never waits for
+    another to end); one idle for ``idle_for`` seconds ends."""
+
+    idle_for = 5.0
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # one per worker waiting for a job
+
+    def run(self, job: Callable[[], None], name: str) -> None:
+        self._jobs.put(job)
+        if not self._idle.acquire(blocking=False):  # nobody waiting takes it: one more worker
+            threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.idle_for)
+            except queue.Empty:
+                if self._idle.acquire(blocking=False):  # one fewer waiting: this one ends
+                    return
+                continue  # a job was put, counting on a waiting worker: this one
+            job()
+            self._idle.release()
+
+
 @dataclass(slots=True, eq=False)
 class Call:
     """One driver call in flight; every caller waiting for it (its first one too) waits on
@@ -1521,6 +1550,7 @@ class Relay:
         self.watchdog = Watchdog()
         self.upstream = Upstream(settings, self.watchdog)
         self.calls = CallTable(settings.result_ttl, settings.max_outage)
+        self.workers = Workers()
         # A body and its answer are parsed together when judging: twice --max-body.
         self.parsing = ByteBudget(2 * settings.max_body)
         self.holding = ByteBudget(self.held_bodies * settings.max_body)
@@ -1651,7 +1681,7 @@ class Relay:
                 self.on_finish(call.key)
 
         try:
-            threading.Thread(target=run, name=f"driver-call-{request_id}", daemon=True).start()
+            self.workers.run(run, "driver-call")
         except RuntimeError:  # no thread to be had: end the call rather than leak it
             self.holding.give(held)
             self.calls.finish(call, self.busy)
