@@ -13,7 +13,7 @@ must turn at least one case red.
 
 Usage::
 
-    python3 conformance/suite.py --line argo-v4.0.5=.build/conformance/agent-v4 \\
+    python3 conformance/suite.py --line argo-v4.0.7=.build/conformance/agent-v4 \\
                                  --line argo-v3.7.18=.build/conformance/agent-v3 [--case NAME ...]
 
 Prints a table of cases x Argo lines and exits 0 only when every case passed on every line and
