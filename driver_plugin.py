@@ -80,7 +80,6 @@ import io
 import json
 import math
 import os
-import queue
 import re
 import secrets
 import select
@@ -1388,34 +1387,6 @@ def describe_transport_error(error: BaseException, netloc: str) -> str:
     return f"driver server at {netloc} failed: {getattr(error, 'strerror', None) or error}"
 
 
-class Workers:
-    """Threads that run driver calls, reused: starting a thread for each call cost more CPU than
-    the rest of the call. As many as there are calls in flight (a slow call never waits for
-    another to end); one idle for ``idle_for`` seconds ends."""
-
-    idle_for = 5.0
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)  # one per worker waiting for a job
-
-    def run(self, job: Callable[[], None], name: str) -> None:
-        self._jobs.put(job)
-        if not self._idle.acquire(blocking=False):  # nobody waiting takes it: one more worker
-            threading.Thread(target=self._work, name=name, daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            try:
-                job = self._jobs.get(timeout=self.idle_for)
-            except queue.Empty:
-                if self._idle.acquire(blocking=False):  # one fewer waiting: this one ends
-                    return
-                continue  # a job was put, counting on a waiting worker: this one
-            job()
-            self._idle.release()
-
-
 @dataclass(slots=True, eq=False)
 class Call:
     """One driver call in flight; every caller waiting for it (its first one too) waits on
@@ -1452,7 +1423,8 @@ class CallTable:
         self._outages: dict[bytes, float] = {}
 
     def begin(self, key: bytes) -> Reply | tuple[Call, bool]:
-        """A kept reply to hand over, or ``(call, new)``: a new call, or the one in flight."""
+        """A kept reply to hand over, or ``(call, new)``: a new call for the caller to drive,
+        or the one in flight, which it joins (and then waits for)."""
         now = time.monotonic()
         with self._lock:
             kept = self._results.get(key)
@@ -1464,30 +1436,30 @@ class CallTable:
                 if expires > now:
                     return reply  # a failure is handed over once, so retryStrategy runs it again
             call = self._in_flight.get(key)
-            new = call is None
             if call is None:
                 call = self._in_flight[key] = Call(key)
+                return call, True
             call.waiters += 1
-            return call, new
+            return call, False
 
     def wait(self, call: Call, timeout: float) -> Reply | None:
-        """Wait for a call; None if it is still running when ``timeout`` runs out."""
+        """Wait for a joined call; None if it is still running when ``timeout`` runs out."""
         call.done.wait(max(timeout, 0.0))
         with self._lock:
             call.waiters -= 1
             return call.reply
 
-    def finish(self, call: Call, reply: Reply) -> bool:
-        """Record a call's reply; True when a caller was waiting for it (it is handed over)."""
+    def finish(self, call: Call, reply: Reply, delivered: bool) -> None:
+        """Record a call's reply; ``delivered`` when its driver hands it to its caller now."""
         with self._lock:
             del self._in_flight[call.key]
             call.reply = reply
-            delivered = call.waiters > 0
-            keep = reply.phase == "Succeeded" or (reply.phase in TERMINAL_PHASES and not delivered)
+            keep = reply.phase == "Succeeded" or (
+                reply.phase in TERMINAL_PHASES and not delivered and call.waiters == 0
+            )
             if keep and self.result_ttl > 0:
                 self._keep(call.key, reply)
             call.done.set()
-            return delivered
 
     def _keep(self, key: bytes, reply: Reply) -> None:
         results, now = self._results, time.monotonic()
@@ -1527,8 +1499,11 @@ class Relay:
     """Takes an agent call's body and returns the reply, plus what its log line needs.
 
     It owns the call table, the driver server's client, judging, retries and letting a slow
-    driver call run on: each new driver call runs in a thread of its own, and every caller,
-    the first one too, waits for it until its own reply deadline.
+    driver call run on. The first caller of a driver call drives it in its own thread; if the
+    call is still running at that caller's reply deadline, the watchdog answers the agent in
+    its place (Running, or Pending with the reason it is retrying) and the call runs on, its
+    result kept for the next poll. Identical callers meanwhile wait for it, each until its own
+    deadline.
     """
 
     #: Seconds one driver call may spend retrying an unreachable driver server before its
@@ -1550,7 +1525,6 @@ class Relay:
         self.watchdog = Watchdog()
         self.upstream = Upstream(settings, self.watchdog)
         self.calls = CallTable(settings.result_ttl, settings.max_outage)
-        self.workers = Workers()
         # A body and its answer are parsed together when judging: twice --max-body.
         self.parsing = ByteBudget(2 * settings.max_body)
         self.holding = ByteBudget(self.held_bodies * settings.max_body)
@@ -1564,7 +1538,7 @@ class Relay:
         )
         #: Hooks for tests and embedders, called with the call's key: ``on_join`` when a
         #: caller joins a driver call in flight, ``on_finish`` once a driver call's reply is
-        #: recorded (in the call's own thread).
+        #: recorded (in the thread that drove it).
         self.on_join: Callable[[bytes], None] | None = None
         self.on_finish: Callable[[bytes], None] | None = None
         self._ids = iter(range(1, sys.maxsize))
@@ -1579,18 +1553,24 @@ class Relay:
         wait = min(self.budget_wait, max(0.0, deadline - time.monotonic()))
         return self.holding.take(length, wait)
 
-    def execute(self, body: bytes, began: float, held: int) -> tuple[Reply, CallLog]:
-        """The reply to an agent call whose token was checked; ``held`` bytes of the holding
-        budget are the body's, and are given back here or when its driver call ends."""
+    def execute(
+        self,
+        body: bytes,
+        began: float,
+        held: int,
+        answer_early: Callable[[Reply, CallLog], None],
+    ) -> tuple[Reply | None, CallLog]:
+        """The reply to an agent call whose token was checked, or None when ``answer_early``
+        was already called with it (from the watchdog, at the reply deadline: the driver call
+        went on). ``held`` bytes of the holding budget are the body's; they are given back."""
         fields: CallLog = {}
-        owned = False
         try:
             deadline = began + self.settings.reply_deadline
             with self.parsing.held(len(body)):
                 found = self._read_call(body, fields)
-            if isinstance(found, Reply):
+            if not isinstance(found, bytes):
                 return found, fields
-            request_id = fields["request_id"] = self._new_request_id()
+            fields["request_id"] = self._new_request_id()
             key = hashlib.sha256(body).digest()
             begun = self.calls.begin(key)
             if isinstance(begun, Reply):
@@ -1599,32 +1579,78 @@ class Relay:
                 return begun, fields
             call, new = begun
             if new:
-                owned = True
-                self._start(call, body, deadline, request_id, held)
-            else:
-                self.metrics.add("coalesced")
-                fields["shared"] = "joined"
-                if self.on_join is not None:
-                    self.on_join(key)
+                reply = self._own(
+                    call,
+                    body,
+                    outputs=found,
+                    deadline=deadline,
+                    answer_early=answer_early,
+                    fields=fields,
+                )
+                return reply, fields
+            self.metrics.add("coalesced")
+            fields["shared"] = "joined"
+            if self.on_join is not None:
+                self.on_join(key)
             reply = self.calls.wait(call, deadline - time.monotonic())
-            if call.upstream_status is not None:
-                fields["upstream_status"] = call.upstream_status
-            if reply is None:
-                if not call.problem:
-                    return self.still_running, fields
-                fields["upstream_error"] = call.problem
-                return self.calls.outage(key, call.problem, self.settings.requeue), fields
-            if reply.outcome in (Outcome.PENDING, Outcome.OUTAGE):
-                fields["upstream_error"] = call.problem
-            return reply, fields
+            return self._meanwhile(call, reply, fields), fields
         except Exception as error:  # a bug must not leave the agent without an answer
             return self._internal_error(error, fields.get("request_id")), fields
         finally:
-            if not owned:
-                self.holding.give(held)
+            self.holding.give(held)
 
-    def _read_call(self, body: bytes, fields: CallLog) -> Reply | None:
-        """None for a call of ours; else the reply to it (400, or "not mine")."""
+    def _meanwhile(self, call: Call, reply: Reply | None, fields: CallLog) -> Reply:
+        """A caller's reply: the call's, or while it runs on, Running, or Pending if it is
+        retrying a transient failure (naming it)."""
+        if reply is not None:
+            return reply
+        if call.problem:
+            fields["upstream_error"] = call.problem
+            return self.calls.outage(call.key, call.problem, self.settings.requeue)
+        return self.still_running
+
+    def _own(
+        self,
+        call: Call,
+        body: bytes,
+        *,
+        outputs: bytes,
+        deadline: float,
+        answer_early: Callable[[Reply, CallLog], None],
+        fields: CallLog,
+    ) -> Reply | None:
+        """Drive a new call in this thread, answered for by the watchdog at ``deadline``."""
+        began = time.monotonic()
+        early = _EarlyAnswer(self, call, answer_early, fields)
+        # Fired a watchdog interval early, so that the answer is out by the deadline itself.
+        self.watchdog.watch(early, deadline - self.watchdog.interval)
+        try:
+            reply = self._drive(call, body, outputs, deadline, fields["request_id"])
+        except Exception as error:  # a bug must not leave the call in flight for ever
+            reply = self._internal_error(error, fields["request_id"])
+        self.watchdog.forget(early)  # after this, ``early.fired`` is final
+        self.calls.finish(call, reply, delivered=not early.fired)
+        if call.upstream_status is not None:
+            fields["upstream_status"] = call.upstream_status
+        if reply.outcome in (Outcome.PENDING, Outcome.OUTAGE):
+            fields["upstream_error"] = call.problem
+        if self.on_finish is not None:
+            self.on_finish(call.key)
+        if not early.fired:
+            return reply
+        self.log.log(
+            "info",
+            "slow driver call finished",
+            request_id=fields["request_id"],
+            outcome=reply.outcome,
+            phase=reply.phase,
+            duration_ms=round((time.monotonic() - began) * 1000, 3),
+        )
+        return None
+
+    def _read_call(self, body: bytes, fields: CallLog) -> Reply | bytes:
+        """For a call of ours, its template's declared outputs (JSON, all judging needs of the
+        body: the rest is not kept parsed); else the reply to it (400, or "not mine")."""
         try:
             document = json.loads(body)
         except (ValueError, RecursionError) as error:
@@ -1654,39 +1680,17 @@ class Relay:
                 f"{_quote_value(own)}: refused, not forwarded",
                 Outcome.WRONG_NAMESPACE,
             )
-        return None
+        try:
+            return _dumps(template.get("outputs"))
+        except UnicodeEncodeError:  # a lone surrogate in a name: kept, and reported by judging
+            return _ENCODER.encode(template.get("outputs")).encode("utf-8", "surrogatepass")
 
     def _new_request_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
 
-    def _start(self, call: Call, body: bytes, deadline: float, request_id: str, held: int) -> None:
-        def run() -> None:
-            began = time.monotonic()
-            try:
-                reply = self._drive(call, body, deadline, request_id)
-            except Exception as error:  # a bug must not leave the call in flight for ever
-                reply = self._internal_error(error, request_id)
-            finally:
-                self.holding.give(held)
-            if not self.calls.finish(call, reply):
-                self.log.log(
-                    "info",
-                    "slow driver call finished",
-                    request_id=request_id,
-                    outcome=reply.outcome,
-                    phase=reply.phase,
-                    duration_ms=round((time.monotonic() - began) * 1000, 3),
-                )
-            if self.on_finish is not None:
-                self.on_finish(call.key)
-
-        try:
-            self.workers.run(run, "driver-call")
-        except RuntimeError:  # no thread to be had: end the call rather than leak it
-            self.holding.give(held)
-            self.calls.finish(call, self.busy)
-
-    def _drive(self, call: Call, body: bytes, deadline: float, request_id: str) -> Reply:
+    def _drive(
+        self, call: Call, body: bytes, outputs: bytes, deadline: float, request_id: str
+    ) -> Reply:
         """Ask the driver server until it answers, retrying transient failures briefly."""
         started = time.monotonic()
         give_up_at = started + self.settings.upstream_timeout
@@ -1709,8 +1713,9 @@ class Relay:
                 response = self.upstream.exchange(body, headers, give_up_at, token)
                 self.metrics.observe_upstream(time.monotonic() - began)
                 call.upstream_status = response.status or None
-                with self.parsing.held(len(body) + len(response.body)):
-                    reply = judge(response, _template(body), self.settings)
+                with self.parsing.held(len(outputs) + len(response.body)):
+                    declared = json.loads(outputs.decode("utf-8", "surrogatepass"))
+                    reply = judge(response, {"outputs": declared}, self.settings)
                 self.calls.recovered(call.key)
                 return reply
             except UpstreamUnavailable as error:
@@ -1734,10 +1739,21 @@ class Relay:
         return Reply.failed(f"driver-plugin internal error ({kind}); see its log", Outcome.INTERNAL)
 
 
-def _template(body: bytes) -> Document:
-    """The template of a body :meth:`Relay.execute` has already read as an agent call."""
-    template: Document = json.loads(body)["template"]
-    return template
+@dataclass(slots=True, eq=False)
+class _EarlyAnswer:
+    """A driver call's first caller, whom the watchdog answers at its reply deadline if the
+    call is still running then."""
+
+    relay: Relay
+    call: Call
+    answer: Callable[[Reply, CallLog], None]
+    fields: CallLog
+    fired: bool = False
+
+    def expire(self) -> None:
+        self.fired = True
+        fields = self.fields.copy()
+        self.answer(self.relay._meanwhile(self.call, None, fields), fields)
 
 
 ###############################################################################
@@ -1917,10 +1933,18 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         methods = self.ROUTES.get(path)
         self.fields: CallLog = {}
         if path == EXECUTE_PATH and self.command == "POST":
-            with self.server.active():  # a drain waits for the reply to be written, too
+            self.server.answering(1)  # a drain waits until the reply is written
+            self.unanswered = True
+            try:
                 reply = self._execute()
-                self._send(reply, self.fields.get("request_id"))
-            self._account(reply)
+                if reply is None:  # answered from the watchdog; the driver call went on
+                    self.close_connection = True
+                else:
+                    self._answer(reply)
+            finally:
+                if self.unanswered:  # the client left before it could be answered
+                    self.unanswered = False
+                    self.server.answering(-1)
             return
         if methods is None:
             reply = Reply.text(404, f"no route {path!r}", Outcome.NOT_FOUND)
@@ -1940,6 +1964,23 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         if self._has_body():
             self.close_connection = True  # its body was not read; do not parse it as a request
         self._send(reply)
+
+    def _answer(self, reply: Reply) -> None:
+        """Write a call's reply, then log and count it: once, from this handler's thread, or
+        from the watchdog's at the reply deadline."""
+        try:
+            self._send(reply, self.fields.get("request_id"))
+        finally:
+            self.unanswered = False
+            self.server.answering(-1)
+        self._account(reply)
+
+    def _answer_early(self, reply: Reply, fields: CallLog) -> None:
+        """The watchdog's, at the reply deadline of a driver call this thread still drives."""
+        self.fields.update(fields)
+        self.close_connection = True  # this thread is busy: the agent's next call goes elsewhere
+        with contextlib.suppress(OSError):
+            self._answer(reply)
 
     def _account(self, reply: Reply) -> None:
         """One log line and the metrics for a template.execute call, after its reply is sent."""
@@ -2018,7 +2059,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             return Reply.text(403, "forbidden", Outcome.UNAUTHORIZED, close=True)
         return None
 
-    def _execute(self) -> Reply:
+    def _execute(self) -> Reply | None:
         refusal = self._refusal()
         if refusal is not None:
             return refusal
@@ -2037,8 +2078,9 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         except BaseException:
             relay.holding.give(held)
             raise
-        reply, fields = relay.execute(body, self.began, held)
-        self.fields.update(fields)
+        reply, fields = relay.execute(body, self.began, held, self._answer_early)
+        if reply is not None:
+            self.fields.update(fields)
         return reply
 
     def _healthz(self) -> Reply:
@@ -2187,8 +2229,13 @@ class PluginServer(ThreadingHTTPServer):
 
     # Lifecycle ###############################################################
 
-    def active(self) -> _Active:
-        return _Active(self)
+    def answering(self, change: int) -> None:
+        """Count template.execute calls not answered yet (+1, -1): a drain waits for them."""
+        with self._idle:
+            self._active += change
+            self.metrics.in_flight = self._active
+            if self._active == 0:
+                self._idle.notify_all()
 
     def begin_drain(self) -> None:
         """Stop accepting and mark not ready; safe to call from a signal handler."""
@@ -2199,27 +2246,6 @@ class PluginServer(ThreadingHTTPServer):
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
             return self._idle.wait_for(lambda: self._active == 0, timeout)
-
-
-class _Active:
-    """Counts a call in flight, so that a drain can wait for it."""
-
-    __slots__ = ("server",)
-
-    def __init__(self, server: PluginServer) -> None:
-        self.server = server
-
-    def __enter__(self) -> None:
-        with self.server._idle:
-            self.server._active += 1
-            self.server.metrics.in_flight = self.server._active
-
-    def __exit__(self, *exc: object) -> None:
-        with self.server._idle:
-            self.server._active -= 1
-            self.server.metrics.in_flight = self.server._active
-            if self.server._active == 0:
-                self.server._idle.notify_all()
 
 
 def make_server(settings: Settings, log: JsonLog | None = None) -> PluginServer:
