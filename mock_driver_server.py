@@ -20,21 +20,43 @@ Contract (docs/CONTRACT.md, "mock_driver_server.py"):
 * Reply shape ``flat`` (the central-server PoC of PR #13251): ``200 {"execution-id":"42",...}``
   with the same names, empty values and a ``nil`` condition omitted, no trailing newline. A
   driver error is ``500`` text ``driver execution failed: KFP driver: ...``.
-* Test knobs inside the args: ``mock_delay`` (Go duration such as ``45s`` or ``500ms``, or a
-  number of seconds: sleep before answering), ``mock_fail`` (answer ``500`` text
+* Test knobs inside the args, all of them per driver *execution* (a joined or replayed request,
+  below, is not one): ``mock_delay`` (Go duration such as ``45s`` or ``500ms``, or a number of
+  seconds: sleep before answering), ``mock_fail`` (answer ``500`` text
   ``driver execution failed: <reason>``), ``mock_shape`` (``node``/``flat``, overrides
   ``--shape``), ``mock_answers`` (a list of ``{"status": int, "body": ..., "content_type": ..,
   "repeat": n}``: the n-th execution of a call key gets the n-th answer verbatim, the last one
   repeats; a string body is sent as is, any other value as compact JSON, ``repeat`` times;
   content type defaults to ``application/json``): how a test makes the driver lie.
+* ``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header; the plugin sends
+  ``"<SHA-256 hex of the agent body>"``, a structured-field string; a bare token is the same
+  key): one driver execution per key. A request whose key is in flight **joins** it (waits for
+  its answer, no execution of its own); a finished execution's answer is **replayed** verbatim.
+  What is kept (``keep_of``): a Succeeded answer (200 node with phase Succeeded, or any other 200
+  JSON object, a flat answer) for ``--key-ttl`` (default ``1h``, at least ``10m``, the plugin's
+  ``--result-ttl``); a Failed one (any other final answer: a Failed/Error node, a 4xx/5xx such
+  as the ``500`` driver failure, an answer that is not JSON) only until it has been handed over
+  once (written whole to a requester that was still connected), so that Argo's retry of a node,
+  which sends the same body, runs the driver again; Running/Pending nodes and 429/502/503/504
+  never (the next request executes). A request without the header executes every time. A
+  malformed key (empty, two headers, over 255 characters, not a quoted string or bare token)
+  is ``400`` text naming the reason; a key reused with another body ``422``, as the draft says.
 * Errors: a body that is not an agent call for ``driver-plugin`` is ``400`` text, a POST without
   ``Content-Length`` ``411``, a body over 8 MiB ``413``; unknown path ``404``; wrong method
   ``405``. A call still sleeping on ``mock_delay`` when the server shuts down gets ``503``.
 * ``GET /healthz``: ``200 ok\\n``. ``GET /calls``: a JSON object mapping each call key
-  ``<run_id>/<task_name or type>/<iteration_index>`` to the number of executions (every parsed
-  call, counted when it starts, so a slow call is visible while it sleeps), plus
+  ``<run_id>/<task_name or type>/<iteration_index>`` to the number of driver executions (every
+  parsed call without a key, and every keyed call that executed rather than joined or replayed;
+  counted when it starts, so a slow call is visible while it sleeps), plus
   ``_bearer_present`` and ``_bearer_absent`` counting ``template.execute`` requests with and
-  without an ``Authorization: Bearer`` header. Call keys always contain ``/``; those two never do.
+  without an ``Authorization: Bearer`` header, ``_key_present`` and ``_key_absent`` counting
+  parsed calls with and without an ``Idempotency-Key``, ``_keys`` (an object: each key seen to
+  its number of driver executions), ``_joined`` and ``_replayed`` (keyed calls answered without
+  an execution). Call keys always contain ``/``; the ``_`` fields never do, and only ``_keys``
+  is not a number. For example::
+
+      {"<uid>/echo/-1": 1, "_bearer_present": 3, "_bearer_absent": 0, "_key_present": 3,
+       "_key_absent": 0, "_keys": {"9f2c...": 1}, "_joined": 1, "_replayed": 1}
 
 How outputs are computed (deterministic for a given sequence of calls in one process):
 
@@ -63,8 +85,9 @@ How outputs are computed (deterministic for a given sequence of calls in one pro
   with a ``task``, a non-zero ``dag_execution_id`` or ``iteration_index >= 0``; DAG/CONTAINER
   without a positive ``dag_execution_id``; an unparsable ``parameterIterator`` list.
 
-Logging: one JSON line per request on stderr (method, path, status, call key, milliseconds).
-Bodies and tokens are never logged; only the presence of a bearer token is recorded.
+Logging: one JSON line per request on stderr (method, path, status, call key, for a keyed call
+``served``: executed/joined/replayed, milliseconds). Bodies, tokens and Idempotency-Keys are
+never logged; only the presence of a bearer token is recorded.
 
 ``agent_body()`` and ``foreign_body()`` build the exact compact JSON the Argo agent sends for
 KFP's ``system-container-driver`` / ``system-dag-driver`` templates and for another plugin's
@@ -78,12 +101,14 @@ import hashlib
 import http.server
 import json
 import re
+import select
 import signal
+import socket
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import FrameType
@@ -281,16 +306,24 @@ class Knobs:
     delay: float
     fail: str | None
     shape: Shape | None
-    answers: tuple[CannedAnswer, ...] = ()
+    answers: tuple[Answer, ...] = ()
 
 
 @dataclass(frozen=True)
-class CannedAnswer:
-    """One verbatim driver answer from ``mock_answers``."""
+class Answer:
+    """One whole driver answer: a verbatim one from ``mock_answers``, or the mock's own."""
 
     status: int
     body: bytes
     content_type: str
+
+    @classmethod
+    def text(cls, status: int, text: str) -> Answer:
+        return cls(status, text.encode(), "text/plain; charset=utf-8")
+
+    @classmethod
+    def json(cls, status: int, doc: object) -> Answer:
+        return cls(status, json.dumps(doc, separators=(",", ":")).encode(), "application/json")
 
 
 def parse_agent_call(body: bytes) -> AgentCall:
@@ -357,7 +390,7 @@ def parse_knobs(args: Mapping[str, object]) -> Knobs:
     )
 
 
-def _canned_answers(raw: object) -> tuple[CannedAnswer, ...]:
+def _canned_answers(raw: object) -> tuple[Answer, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not raw:
@@ -375,8 +408,201 @@ def _canned_answers(raw: object) -> tuple[CannedAnswer, ...]:
         if not isinstance(repeat, int) or isinstance(repeat, bool) or not 0 <= repeat <= 1 << 16:
             raise BadRequest("mock_answers repeat must be an integer from 0 to 65536")
         data = body.encode() if isinstance(body, str) else go_json(body)
-        answers.append(CannedAnswer(status, data * repeat, content_type))
+        answers.append(Answer(status, data * repeat, content_type))
     return tuple(answers)
+
+
+# Idempotency keys ####
+# What a real kfp-driver-server does with the plugin's Idempotency-Key header
+# (draft-ietf-httpapi-idempotency-key-header): one driver execution per key, joined while it runs,
+# its answer replayed afterwards for as long as the answer says it may be.
+
+IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+MAX_KEY_LENGTH: Final = 255
+DEFAULT_KEY_TTL: Final = 3600.0
+# The plugin replays a Succeeded result itself for --result-ttl (10m by default); after a restart
+# only the server's record remains, so the server must keep a key at least that long.
+MIN_KEY_TTL: Final = 600.0
+TRANSIENT_STATUSES: Final = frozenset({429, 502, 503, 504})
+SWEEP_INTERVAL: Final = 60.0
+
+# A structured-field string (RFC 8941 §3.3.3: printable ASCII, \\ and \" escaped), or bare
+# token characters (RFC 9110 tchar, plus ":" and "/" as in an sf-token).
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+_SF_ESCAPE = re.compile(r'\\(["\\])')
+_BARE_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z:/]+")
+
+Keep = Literal["succeeded", "failed", "never"]
+Role = Literal["executed", "joined", "replayed"]
+
+
+class BadKey(Exception):
+    """The Idempotency-Key header is not one usable key (HTTP 400)."""
+
+
+class KeyReused(Exception):
+    """A key already stands for another body (HTTP 422, as the draft says)."""
+
+
+def parse_idempotency_key(values: list[str]) -> str | None:
+    """The key of a request's ``Idempotency-Key`` header values; None without the header.
+
+    ``"abc"`` (a structured-field string, what the plugin sends) and ``abc`` (a bare token) are the
+    same key. BadKey for two headers, an empty key, one over 255 characters, or other characters.
+    """
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadKey(f"more than one {IDEMPOTENCY_HEADER} header")
+    raw = values[0].strip(" \t")
+    if raw.startswith('"'):
+        quoted = _SF_STRING.fullmatch(raw)
+        if quoted is None:
+            raise BadKey(
+                f"{IDEMPOTENCY_HEADER} is not a structured-field string: printable ASCII "
+                'between double quotes, with \\" and \\\\ escaped'
+            )
+        key = _SF_ESCAPE.sub(r"\1", quoted.group(1))
+    elif _BARE_KEY.fullmatch(raw):
+        key = raw
+    else:
+        raise BadKey(
+            f"{IDEMPOTENCY_HEADER} must be a quoted string or a bare token"
+            if raw
+            else f"{IDEMPOTENCY_HEADER} is empty"
+        )
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise BadKey(f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_KEY_LENGTH} characters long")
+    return key
+
+
+def keep_of(answer: Answer) -> Keep:
+    """How long a server keeps an answer under its key.
+
+    ``succeeded`` (a 200 node with phase Succeeded, or any other 200 JSON object: a flat answer):
+    replayed for the key TTL. ``never`` (a 200 node with phase Running or Pending; 429, 502, 503,
+    504): not kept, the next request with the key executes again. ``failed`` (everything else:
+    a Failed node, a driver error status, an answer that is not one): replayed until it has been
+    handed over once, so that Argo's retry of a node (the same body) runs the driver again.
+    """
+    if answer.status in TRANSIENT_STATUSES:
+        return "never"
+    if answer.status != 200:
+        return "failed"
+    try:
+        doc: object = json.loads(answer.body)
+    except (ValueError, RecursionError):
+        return "failed"
+    if not isinstance(doc, dict):
+        return "failed"
+    if "node" not in doc:
+        return "succeeded"
+    node = doc["node"]
+    phase = node.get("phase") if isinstance(node, dict) else None
+    if phase == "Succeeded":
+        return "succeeded"
+    if phase in ("Running", "Pending"):
+        return "never"
+    return "failed"
+
+
+class KeyedExecution:
+    """One driver execution under a key: in flight until ``answer`` is set and ``done`` fires."""
+
+    def __init__(self, fingerprint: bytes) -> None:
+        self.fingerprint = fingerprint
+        self.done = threading.Event()
+        self.answer: Answer | None = None
+        self.keep: Keep = "never"
+        self.expires = float("inf")
+
+    def wait(self) -> Answer:
+        """The execution's answer, once it has one (shutdown wakes a sleeping execution)."""
+        self.done.wait()
+        if self.answer is None:  # finish() sets it before done
+            raise RuntimeError("a keyed execution finished without an answer")
+        return self.answer
+
+
+class KeyStore:
+    """The executions the server remembers by key, and what ``GET /calls`` reports about them.
+
+    ``clock`` (seconds, monotonic) is a parameter so that tests can move time.
+    """
+
+    def __init__(
+        self, ttl: float = DEFAULT_KEY_TTL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, KeyedExecution] = {}
+        self._executions: Counter[str] = Counter()
+        self._served: Counter[str] = Counter()
+        self._next_sweep = clock() + SWEEP_INTERVAL
+
+    def __len__(self) -> int:
+        """How many keys are remembered (in flight, or kept with their answer)."""
+        with self._lock:
+            return len(self._entries)
+
+    def begin(self, key: str, fingerprint: bytes) -> tuple[Role, KeyedExecution]:
+        """``executed``: the caller runs the driver and calls ``finish``; ``joined``: wait for
+        ``done``; ``replayed``: the answer is there. KeyReused when the key has another body."""
+        with self._lock:
+            now = self.clock()
+            if now >= self._next_sweep:
+                self._sweep(now)
+            entry = self._entries.get(key)
+            if entry is not None and entry.expires <= now:
+                del self._entries[key]
+                entry = None
+            role: Role
+            if entry is None:
+                entry = self._entries[key] = KeyedExecution(fingerprint)
+                self._executions[key] += 1
+                role = "executed"
+            elif entry.fingerprint != fingerprint:
+                raise KeyReused(f"this {IDEMPOTENCY_HEADER} was used with another request body")
+            else:
+                role = "replayed" if entry.done.is_set() else "joined"
+            self._served[role] += 1
+            return role, entry
+
+    def finish(self, key: str, entry: KeyedExecution, answer: Answer) -> None:
+        """Record the execution's answer, keep it as ``keep_of`` says, and wake the joiners."""
+        with self._lock:
+            entry.answer = answer
+            entry.keep = keep_of(answer)
+            if entry.keep == "never":
+                self._forget(key, entry)
+            else:
+                entry.expires = self.clock() + self.ttl
+        entry.done.set()
+
+    def handed_over(self, key: str, entry: KeyedExecution) -> None:
+        """A requester got the whole answer: a Failed one is not replayed again."""
+        with self._lock:
+            if entry.keep == "failed":
+                self._forget(key, entry)
+
+    def _forget(self, key: str, entry: KeyedExecution) -> None:
+        if self._entries.get(key) is entry:
+            del self._entries[key]
+
+    def _sweep(self, now: float) -> None:
+        for key in [k for k, e in self._entries.items() if e.expires <= now]:
+            del self._entries[key]
+        self._next_sweep = now + SWEEP_INTERVAL
+
+    def snapshot(self) -> dict[str, int | dict[str, int]]:
+        """The key fields of ``GET /calls``."""
+        with self._lock:
+            return {
+                "_keys": dict(sorted(self._executions.items())),
+                "_joined": self._served["joined"],
+                "_replayed": self._served["replayed"],
+            }
 
 
 # Outputs ####
@@ -547,19 +773,25 @@ def _caching_enabled(task: Mapping[str, object]) -> bool:
 
 
 class MockDriver:
-    """Process-wide driver state: execution IDs, the cache and the per-call counters."""
+    """Process-wide driver state: execution IDs, the cache, the keys and the per-call counters."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: KeyStore | None = None) -> None:
         self._lock = threading.Lock()
         self._next_id = 1
         self._root_ids: dict[str, int] = {}
         self._cache: set[str] = set()
         self._calls: Counter[str] = Counter()
         self._bearer: Counter[str] = Counter()
+        self.keys = keys if keys is not None else KeyStore()
 
     def note_request(self, *, bearer: bool) -> None:
         with self._lock:
             self._bearer["_bearer_present" if bearer else "_bearer_absent"] += 1
+
+    def note_key(self, *, present: bool) -> None:
+        """Count one parsed call with or without an Idempotency-Key."""
+        with self._lock:
+            self._bearer["_key_present" if present else "_key_absent"] += 1
 
     def note_call(self, key: str) -> int:
         """Count one execution of ``key``; returns how many there have been, this one included."""
@@ -567,12 +799,14 @@ class MockDriver:
             self._calls[key] += 1
             return self._calls[key]
 
-    def calls(self) -> dict[str, int]:
+    def calls(self) -> dict[str, int | dict[str, int]]:
         """The ``GET /calls`` document."""
+        doc: dict[str, int | dict[str, int]]
         with self._lock:
             doc = dict(sorted(self._calls.items()))
-            doc["_bearer_present"] = self._bearer["_bearer_present"]
-            doc["_bearer_absent"] = self._bearer["_bearer_absent"]
+            for name in ("_bearer_present", "_bearer_absent", "_key_present", "_key_absent"):
+                doc[name] = self._bearer[name]
+        doc.update(self.keys.snapshot())
         return doc
 
     def _new_id(self) -> int:
@@ -660,10 +894,20 @@ class MockDriverServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # socketserver's default of 5 drops SYNs under bursts
 
-    def __init__(self, address: tuple[str, int], shape: Shape, *, log: bool = True) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        shape: Shape,
+        *,
+        log: bool = True,
+        key_ttl: float = DEFAULT_KEY_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not key_ttl >= MIN_KEY_TTL:
+            raise ValueError(f"key_ttl must be at least {MIN_KEY_TTL:g} s, the plugin's result TTL")
         self.shape: Shape = shape
         self.log_enabled = log
-        self.driver = MockDriver()
+        self.driver = MockDriver(KeyStore(key_ttl, clock))
         self.stopping = threading.Event()
         self._log_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -697,6 +941,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     _started = 0.0
     _key = ""
+    _served: Role | None = None
 
     # Plumbing ####
 
@@ -732,12 +977,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             data += body
         self.wfile.write(data)
+        fields: dict[str, object] = {"served": self._served} if self._served else {}
         self.server.log(
             msg="request",
             method=self.command,
             path=self.path.split("?", 1)[0][:200],
             status=status,
             key=self._key,
+            **fields,
             ms=round((time.monotonic() - self._started) * 1000, 1),
         )
 
@@ -746,6 +993,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, doc: object) -> None:
         self._reply(status, json.dumps(doc, separators=(",", ":")).encode(), "application/json")
+
+    def _send(self, answer: Answer) -> None:
+        self._reply(answer.status, answer.body, answer.content_type)
+
+    def _hand_over(self, answer: Answer) -> bool:
+        """Send ``answer``; True only if the requester was still there and took all of it.
+
+        A requester that went away (the plugin killed mid-call) may still accept a first write
+        into the kernel's buffer, so a connection the peer has already closed counts as not
+        handed over even when the write succeeds.
+        """
+        gone = self._peer_closed()
+        try:
+            self._send(answer)
+        except OSError:
+            self.close_connection = True
+            return False
+        return not gone
+
+    def _peer_closed(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _read_body(self) -> bytes | None:
         """The request body by Content-Length; None after an error reply was sent."""
@@ -783,6 +1055,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         self._started = time.monotonic()
         self._key = ""
+        self._served = None
         body = self._read_body()
         if body is None:
             return
@@ -805,50 +1078,81 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         driver = self.server.driver
         driver.note_request(bearer=_has_bearer(self.headers.get("Authorization")))
         try:
+            key = parse_idempotency_key(self.headers.get_all(IDEMPOTENCY_HEADER) or [])
+        except BadKey as exc:
+            self._send_text(400, f"{exc}\n")
+            return
+        try:
             call = parse_agent_call(body)
             knobs = parse_knobs(call.args)
         except BadRequest as exc:
             self._send_text(400, f"{exc}\n")
             return
         self._key = call.key
-        execution = driver.note_call(self._key)
+        driver.note_key(present=key is not None)
+        if key is None:  # every request is an execution
+            self._send(self._run(call, knobs))
+            return
+        try:
+            role, entry = driver.keys.begin(key, hashlib.sha256(body).digest())
+        except KeyReused as exc:
+            self._send_text(422, f"{exc}\n")
+            return
+        self._served = role
+        if role == "executed":
+            answer = Answer.text(500, "mock driver server: the execution raised\n")
+            try:
+                answer = self._run(call, knobs)
+            finally:
+                driver.keys.finish(key, entry, answer)
+        else:
+            answer = entry.wait()  # an execution always finishes (finally above)
+        if self._hand_over(answer):
+            driver.keys.handed_over(key, entry)
+
+    def _run(self, call: AgentCall, knobs: Knobs) -> Answer:
+        """One driver execution: counted, delayed, then the canned, failing or driven answer."""
+        driver = self.server.driver
+        execution = driver.note_call(call.key)
         shape = knobs.shape or self.server.shape
         if knobs.delay > 0 and self.server.stopping.wait(knobs.delay):
-            self._send_text(503, "mock driver server is shutting down")
-            return
+            return Answer.text(503, "mock driver server is shutting down")
         if knobs.answers:
-            canned = knobs.answers[min(execution, len(knobs.answers)) - 1]
-            self._reply(canned.status, canned.body, canned.content_type)
-            return
+            return knobs.answers[min(execution, len(knobs.answers)) - 1]
         if knobs.fail is not None:
-            self._send_text(500, f"driver execution failed: {knobs.fail}")
-            return
+            return Answer.text(500, f"driver execution failed: {knobs.fail}")
         try:
             outputs = driver.execute(call)
         except DriverError as exc:
             if shape == "flat":
-                self._send_text(500, f"driver execution failed: KFP driver: {exc}")
-            else:
-                failed: ExecuteReply = {
-                    "node": {
-                        "phase": "Failed",
-                        "message": f"unable to drive execution: KFP driver: {exc}",
-                    }
+                return Answer.text(500, f"driver execution failed: KFP driver: {exc}")
+            failed: ExecuteReply = {
+                "node": {
+                    "phase": "Failed",
+                    "message": f"unable to drive execution: KFP driver: {exc}",
                 }
-                self._send_json(200, failed)
-            return
-        self._send_json(200, outputs.node_reply() if shape == "node" else outputs.flat_reply())
+            }
+            return Answer.json(200, failed)
+        return Answer.json(200, outputs.node_reply() if shape == "node" else outputs.flat_reply())
 
 
 def make_server(
-    host: str = "127.0.0.1", port: int = 0, shape: str = "node", *, log: bool = True
+    host: str = "127.0.0.1",
+    port: int = 0,
+    shape: str = "node",
+    *,
+    log: bool = True,
+    key_ttl: float = DEFAULT_KEY_TTL,
+    clock: Callable[[], float] = time.monotonic,
 ) -> MockDriverServer:
-    """A bound, listening server; run ``serve_forever()`` on a thread, stop with ``shutdown()``."""
-    if shape == "node":
-        return MockDriverServer((host, port), "node", log=log)
-    if shape == "flat":
-        return MockDriverServer((host, port), "flat", log=log)
-    raise ValueError(f"shape must be one of {', '.join(SHAPES)}, not {shape!r}")
+    """A bound, listening server; run ``serve_forever()`` on a thread, stop with ``shutdown()``.
+
+    ``key_ttl`` (seconds, at least ``MIN_KEY_TTL``) and ``clock`` are the KeyStore's.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)}, not {shape!r}")
+    checked: Shape = "node" if shape == "node" else "flat"
+    return MockDriverServer((host, port), checked, log=log, key_ttl=key_ttl, clock=clock)
 
 
 # Agent bodies ####
@@ -1180,16 +1484,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shape", choices=SHAPES, default="node", help="reply shape (default %(default)s)"
     )
+    parser.add_argument(
+        "--key-ttl",
+        default="1h",
+        help="how long a Succeeded answer is replayed under its Idempotency-Key, a Go duration "
+        "of at least 10m, the plugin's --result-ttl (default %(default)s)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
     ns = parser.parse_args(argv)
     if not 0 <= ns.port <= 65535:
         parser.error(f"--port {ns.port} is out of range")
     try:
-        server = make_server(ns.host, ns.port, ns.shape, log=True)
+        key_ttl = parse_go_duration(ns.key_ttl)
+    except ValueError:
+        parser.error(f"--key-ttl {ns.key_ttl!r} is not a Go duration")
+    if key_ttl < MIN_KEY_TTL:
+        parser.error(f"--key-ttl {ns.key_ttl} is below 10m, the plugin's --result-ttl")
+    try:
+        server = make_server(ns.host, ns.port, ns.shape, log=True, key_ttl=key_ttl)
     except OSError as exc:
         print(json.dumps({"msg": "cannot listen", "error": str(exc)}), file=sys.stderr)
         return 1
-    server.log(msg="listening", host=ns.host, port=server.port, shape=ns.shape)
+    server.log(msg="listening", host=ns.host, port=server.port, shape=ns.shape, key_ttl=ns.key_ttl)
     server.log_enabled = not ns.quiet
 
     def _stop(signum: int, frame: FrameType | None) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import queue
+import re
 import select
 import signal
 import socket
@@ -82,10 +84,15 @@ def request(
             c.close()
 
 
-def execute(srv: mds.MockDriverServer, body: bytes, *, bearer: bool = True) -> Reply:
+def execute(
+    srv: mds.MockDriverServer, body: bytes, *, bearer: bool = True, key: str | None = None
+) -> Reply:
+    """One template.execute; ``key`` is sent as the plugin sends it: a quoted Idempotency-Key."""
     headers = {"Content-Type": "application/json"}
     if bearer:
         headers["Authorization"] = f"Bearer {BEARER_VALUE}"
+    if key is not None:
+        headers[mds.IDEMPOTENCY_HEADER] = f'"{key}"'
     return request(srv, "POST", mds.EXECUTE_PATH, body, headers)
 
 
@@ -624,6 +631,11 @@ def test_calls_counts_executions_and_bearer_presence(server: mds.MockDriverServe
         f"{RUN}/DAG/2": 1,
         "_bearer_present": 4,
         "_bearer_absent": 1,
+        "_key_present": 0,
+        "_key_absent": 4,
+        "_keys": {},
+        "_joined": 0,
+        "_replayed": 0,
     }
 
 
@@ -642,6 +654,325 @@ def test_calls_does_not_count_empty_bearer(server: mds.MockDriverServer) -> None
 def test_calls_key_matches_agent_call_key() -> None:
     call = mds.parse_agent_call(mds.agent_body("CONTAINER", iteration_index=3))
     assert call.key == f"{RUN}/echo/3"
+
+
+# Idempotency-Key ####
+
+KEY = "a" * 64  # the plugin sends the SHA-256 of the agent body; the mock treats keys as opaque
+SUCCEEDED = {"status": 200, "body": {"node": {"phase": "Succeeded", "message": "second"}}}
+
+
+class Watch:
+    """Events from inside a server: each keyed request's role as it begins, each hand-over as
+    it ends, and an optional gate that holds the driver's execution until the test opens it."""
+
+    def __init__(self, srv: mds.MockDriverServer) -> None:
+        self.roles: list[str] = []
+        self.changed = threading.Condition()
+        self.handed: queue.Queue[bool] = queue.Queue()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        keys, driver, watch = srv.driver.keys, srv.driver, self
+        begin, note_call = keys.begin, driver.note_call
+
+        def begin_and_tell(key: str, fingerprint: bytes) -> tuple[mds.Role, mds.KeyedExecution]:
+            role, entry = begin(key, fingerprint)
+            with self.changed:
+                self.roles.append(role)
+                self.changed.notify_all()
+            return role, entry
+
+        def gated(key: str) -> int:  # where every execution starts
+            execution = note_call(key)
+            self.entered.set()
+            assert self.release.wait(30), "the test never opened the gate"
+            return execution
+
+        class Handler(mds._Handler):
+            def _hand_over(self, answer: mds.Answer) -> bool:
+                taken = super()._hand_over(answer)
+                watch.handed.put(taken)
+                return taken
+
+        keys.begin = begin_and_tell  # type: ignore[method-assign]
+        driver.note_call = gated  # type: ignore[method-assign]
+        srv.RequestHandlerClass = Handler
+
+    def wait_roles(self, role: str, count: int) -> None:
+        with self.changed:
+            ok = self.changed.wait_for(lambda: self.roles.count(role) >= count, timeout=30)
+        assert ok, f"wanted {count} {role}, saw {self.roles}"
+
+
+def calls(srv: mds.MockDriverServer) -> dict[str, Any]:
+    return dict(request(srv, "GET", "/calls").json())
+
+
+def keyed_in_thread(
+    srv: mds.MockDriverServer, body: bytes, key: str, replies: queue.Queue[Reply]
+) -> threading.Thread:
+    thread = threading.Thread(target=lambda: replies.put(execute(srv, body, key=key)))
+    thread.start()
+    return thread
+
+
+def test_concurrent_requests_with_one_key_join_one_execution(
+    server: mds.MockDriverServer,
+) -> None:
+    watch = Watch(server)
+    watch.release.clear()
+    body = mds.agent_body("CONTAINER")
+    replies: queue.Queue[Reply] = queue.Queue()
+    threads = [keyed_in_thread(server, body, KEY, replies)]
+    assert watch.entered.wait(30)  # the driver is running for the first request
+    threads += [keyed_in_thread(server, body, KEY, replies) for _ in range(3)]
+    watch.wait_roles("joined", 3)  # the other three are waiting for its answer
+    watch.release.set()
+    for thread in threads:
+        thread.join(30)
+    answers = [replies.get_nowait() for _ in threads]
+    assert {(a.status, a.body) for a in answers} == {(answers[0].status, answers[0].body)}
+    assert answers[0].params()["cached-decision"] == "false"  # one run, no cache hit
+    doc = calls(server)
+    assert doc["_keys"] == {KEY: 1}
+    assert doc[f"{RUN}/echo/-1"] == 1
+    assert (doc["_joined"], doc["_replayed"], doc["_key_present"]) == (3, 0, 4)
+
+
+def test_a_succeeded_answer_is_replayed_and_knobs_count_executions(
+    server: mds.MockDriverServer,
+) -> None:
+    answers = [
+        {"status": 200, "body": {"node": {"phase": "Succeeded", "message": "first"}}},
+        SUCCEEDED,
+        {"status": 200, "body": {"node": {"phase": "Succeeded", "message": "third"}}},
+    ]
+    body = mds.agent_body("CONTAINER", extra_args={"mock_answers": answers, "mock_delay": "10m"})
+    waits: list[float | None] = []
+
+    def no_sleep(timeout: float | None = None) -> bool:
+        waits.append(timeout)
+        return False  # as if mock_delay had passed without a shutdown
+
+    server.stopping.wait = no_sleep  # type: ignore[method-assign]
+    first, again = execute(server, body, key=KEY), execute(server, body, key=KEY)
+    assert again.status == first.status == 200
+    assert again.body == first.body == b'{"node":{"phase":"Succeeded","message":"first"}}'
+    assert waits == [600.0]  # mock_delay once: a replay does not sleep
+    keyless = execute(server, body)  # an execution: the next canned answer
+    assert keyless.json()["node"]["message"] == "second"
+    assert execute(server, body, key=KEY).body == first.body  # still the keyed one
+    doc = calls(server)
+    assert (doc["_keys"], doc[f"{RUN}/echo/-1"]) == ({KEY: 1}, 2)
+    assert (doc["_replayed"], doc["_key_present"], doc["_key_absent"]) == (2, 3, 1)
+
+
+def test_a_flat_answer_is_replayed(flat_server: mds.MockDriverServer) -> None:
+    body = mds.agent_body("DAG")
+    first, again = execute(flat_server, body, key=KEY), execute(flat_server, body, key=KEY)
+    assert (first.status, again.body) == (200, first.body)
+    assert calls(flat_server)["_keys"] == {KEY: 1}
+
+
+@pytest.mark.parametrize(
+    "failed",
+    [
+        {"status": 200, "body": {"node": {"phase": "Failed", "message": "driver said no"}}},
+        {"status": 200, "body": {"node": {"phase": "Error"}}},
+        {"status": 500, "body": "driver execution failed: boom", "content_type": "text/plain"},
+        {"status": 400, "body": "invalid task", "content_type": "text/plain"},
+        {"status": 200, "body": "not json", "content_type": "text/plain"},
+        {"status": 200, "body": {"node": None}},
+    ],
+)
+def test_a_failed_answer_is_handed_over_once_then_the_driver_runs_again(
+    server: mds.MockDriverServer, failed: dict[str, Any]
+) -> None:
+    watch = Watch(server)
+    body = mds.agent_body("CONTAINER", extra_args={"mock_answers": [failed, SUCCEEDED]})
+    first = execute(server, body, key=KEY)
+    assert first.status == failed["status"]
+    assert watch.handed.get(timeout=30) is True
+    retry = execute(server, body, key=KEY)  # Argo's retry of the node: the same body, the same key
+    assert (retry.status, retry.json()["node"]["message"]) == (200, "second")
+    assert execute(server, body, key=KEY).body == retry.body  # and that one is kept
+    assert calls(server)["_keys"] == {KEY: 2}
+    assert watch.roles == ["executed", "executed", "replayed"]
+
+
+def test_a_failed_answer_stays_until_a_requester_takes_it(server: mds.MockDriverServer) -> None:
+    watch = Watch(server)
+    watch.release.clear()
+    body = mds.agent_body("CONTAINER", extra_args={"mock_fail": "boom"})
+    head = (
+        f"POST {mds.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f'{mds.IDEMPOTENCY_HEADER}: "{KEY}"\r\n\r\n'
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as gone:
+        gone.sendall(head.encode() + body)
+        watch.wait_roles("executed", 1)
+    # The requester went away mid-call (the plugin was killed); the execution goes on.
+    watch.release.set()
+    assert watch.handed.get(timeout=30) is False
+    kept = execute(server, body, key=KEY)  # the restarted plugin asks again: the same answer
+    assert (kept.status, kept.body) == (500, b"driver execution failed: boom")
+    assert watch.handed.get(timeout=30) is True
+    execute(server, body, key=KEY)  # handed over: a new request runs the driver again
+    assert watch.roles == ["executed", "replayed", "executed"]
+    assert calls(server)["_keys"] == {KEY: 2}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": 200, "body": {"node": {"phase": "Running"}, "requeue": "5s"}},
+        {"status": 200, "body": {"node": {"phase": "Pending", "message": "queued"}}},
+        {"status": 429, "body": "slow down", "content_type": "text/plain"},
+        {"status": 502, "body": "<html>bad gateway</html>", "content_type": "text/html"},
+        {"status": 503, "body": "unavailable", "content_type": "text/plain"},
+        {"status": 504, "body": ""},
+    ],
+)
+def test_running_and_transient_answers_are_never_kept(
+    server: mds.MockDriverServer, answer: dict[str, Any]
+) -> None:
+    body = mds.agent_body("CONTAINER", extra_args={"mock_answers": [answer, answer, SUCCEEDED]})
+    statuses = [execute(server, body, key=KEY).status for _ in range(3)]
+    assert statuses == [answer["status"], answer["status"], 200]
+    assert calls(server)["_keys"] == {KEY: 3}
+    assert calls(server)["_replayed"] == 0
+
+
+def test_a_transient_answer_is_shared_with_joiners_but_not_kept(
+    server: mds.MockDriverServer,
+) -> None:
+    watch = Watch(server)
+    watch.release.clear()
+    unavailable = {"status": 503, "body": "unavailable", "content_type": "text/plain"}
+    body = mds.agent_body("CONTAINER", extra_args={"mock_answers": [unavailable, SUCCEEDED]})
+    replies: queue.Queue[Reply] = queue.Queue()
+    threads = [keyed_in_thread(server, body, KEY, replies)]
+    assert watch.entered.wait(30)
+    threads.append(keyed_in_thread(server, body, KEY, replies))
+    watch.wait_roles("joined", 1)
+    watch.release.set()
+    for thread in threads:
+        thread.join(30)
+    assert [replies.get_nowait().status for _ in threads] == [503, 503]
+    assert len(server.driver.keys) == 0
+    assert execute(server, body, key=KEY).json()["node"]["message"] == "second"
+    assert calls(server)["_keys"] == {KEY: 2}
+
+
+def test_a_succeeded_answer_expires_after_the_key_ttl() -> None:
+    now = [1000.0]
+    srv = mds.make_server(log=False, key_ttl=600.0, clock=lambda: now[0])
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        body = mds.agent_body("ROOT_DAG")
+        execute(srv, body, key=KEY)
+        now[0] += 599.0
+        execute(srv, body, key=KEY)
+        assert calls(srv)["_keys"] == {KEY: 1}  # still replayed just before the TTL
+        now[0] += 1.0
+        execute(srv, body, key=KEY)
+        assert calls(srv)["_keys"] == {KEY: 2}  # expired: the driver runs again
+        assert len(srv.driver.keys) == 1
+        now[0] += 600.0 + mds.SWEEP_INTERVAL
+        execute(srv, body, key="b" * 64)  # a later request sweeps every expired key
+        assert len(srv.driver.keys) == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_key_ttl_below_the_plugins_result_ttl_is_refused() -> None:
+    with pytest.raises(ValueError, match="key_ttl"):
+        mds.make_server(log=False, key_ttl=599.0)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "mock_driver_server.py"), "--key-ttl", "5m"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "--key-ttl 5m is below 10m" in proc.stderr
+
+
+def test_requests_without_a_key_execute_every_time(server: mds.MockDriverServer) -> None:
+    body = mds.agent_body("CONTAINER")
+    first, second = execute(server, body), execute(server, body)
+    assert (first.params()["cached-decision"], second.params()["cached-decision"]) == (
+        "false",
+        "true",  # the second run of the driver is a cache hit
+    )
+    doc = calls(server)
+    assert (doc[f"{RUN}/echo/-1"], doc["_key_absent"], doc["_keys"]) == (2, 2, {})
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [
+        (f'"{KEY}"', KEY),
+        (KEY, KEY),  # a bare token is the same key
+        (' "x" ', "x"),
+        ('"a\\"b\\\\c d"', 'a"b\\c d'),  # structured-field escapes
+        ("urn:key/1", "urn:key/1"),
+    ],
+)
+def test_keys_quoted_or_bare(server: mds.MockDriverServer, value: str, key: str) -> None:
+    assert mds.parse_idempotency_key([value]) == key
+    headers = {mds.IDEMPOTENCY_HEADER: value}
+    reply = request(server, "POST", mds.EXECUTE_PATH, mds.agent_body("ROOT_DAG"), headers)
+    assert reply.status == 200
+    assert calls(server)["_keys"] == {key: 1}
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        (["", ""], "more than one"),
+        ([""], "is empty"),
+        (['""'], "1 to 255 characters"),
+        (["k" * 256], "1 to 255 characters"),
+        ([f'"{"k" * 256}"'], "1 to 255 characters"),
+        (['"abc'], "structured-field string"),
+        (['"a\\b"'], "structured-field string"),
+        (['"a"b"'], "structured-field string"),
+        (["a b"], "quoted string or a bare token"),
+        (["k\u00e9y"], "quoted string or a bare token"),
+        (["(key)"], "quoted string or a bare token"),
+    ],
+)
+def test_a_malformed_key_is_400_with_the_reason(
+    server: mds.MockDriverServer, values: list[str], reason: str
+) -> None:
+    with pytest.raises(mds.BadKey, match=re.escape(reason)):
+        mds.parse_idempotency_key(values)
+    head = f"POST {mds.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\n"
+    head += "".join(f"{mds.IDEMPOTENCY_HEADER}: {value}\r\n" for value in values)
+    body = mds.agent_body("ROOT_DAG")
+    raw = raw_exchange(
+        server,
+        (head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+        + body,
+    )
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    text = raw.partition(b"\r\n\r\n")[2].decode()
+    assert mds.IDEMPOTENCY_HEADER in text and reason in text
+    assert [k for k in calls(server) if "/" in k] == []  # not executed
+
+
+def test_a_key_reused_for_another_body_is_422(server: mds.MockDriverServer) -> None:
+    assert execute(server, mds.agent_body("ROOT_DAG"), key=KEY).status == 200
+    reply = execute(server, mds.agent_body("DAG"), key=KEY)
+    assert reply.status == 422
+    assert b"another request body" in reply.body
+    assert calls(server)["_keys"] == {KEY: 1}
 
 
 # agent_body / foreign_body ####
