@@ -303,6 +303,14 @@ class World:
         counts = json.loads(mock.get("/calls"))
         return {key: n for key, n in counts.items() if "/" in key}
 
+    def keyed(self, mock: Service) -> dict[str, int]:
+        """Driver executions per Idempotency-Key; CaseFailed if any call reached the mock
+        without one (only the key lets a driver server run a re-sent call once)."""
+        counts = json.loads(mock.get("/calls"))
+        absent = counts["_key_absent"]
+        check(absent == 0, f"{absent} driver call(s) reached the driver without an Idempotency-Key")
+        return dict(counts["_keys"])
+
     def check_logs_hold_no_tokens(self) -> None:
         for service in self.services:
             text = "\n".join(service.log)
@@ -593,7 +601,7 @@ def calls_in_flight(
     return mock, plugin, agent, tasks
 
 
-@case("plugin SIGKILLed and restarted mid-call: no node lost (duplicates reported)")
+@case("plugin SIGKILLed and restarted mid-call: no node lost, no driver call run twice")
 def sigkill_restart(world: World) -> None:
     mock, plugin, agent, tasks = calls_in_flight(world, 6)
     plugin.service.signal(signal.SIGKILL)
@@ -603,6 +611,59 @@ def sigkill_restart(world: World) -> None:
     check(not lost, f"not Succeeded after the restart: {lost}")
     again = sum(world.executions(mock).values()) - len(tasks)
     world.notes.append(f"driver calls run twice after SIGKILL: {again} of {len(tasks)}")
+    check(again == 0, f"{again} of {len(tasks)} driver calls ran twice after the SIGKILL")
+    keyed = world.keyed(mock)
+    check(sorted(keyed.values()) == [1] * len(tasks), f"executions per key: {keyed}")
+    served = json.loads(mock.get("/calls"))
+    world.notes.append(
+        f"re-sent calls the driver server joined: {served['_joined']}, replayed: "
+        f"{served['_replayed']}"
+    )
+
+
+@case("a retried node (same body, new node id): the driver runs again, once per attempt")
+def retried_node(world: World) -> None:
+    mock = world.mock()
+    plugin = world.plugin(mock.url)
+    agent = world.agent((plugin.url, world.token_file))
+    failed = {"node": {"phase": "Failed", "message": "attempt 1: driver failed"}}
+    refused = "driver execution failed: attempt 1"
+    templates = {
+        "node-failed": world.task(
+            "CONTAINER",
+            task_name="retry-node",
+            mock_answers=[
+                {"status": 200, "body": failed},
+                {"status": 200, "body": {"node": {"phase": "Succeeded", "message": "attempt 2"}}},
+            ],
+        ),
+        "status-500": world.task(
+            "DAG",
+            task_name="retry-500",
+            mock_answers=[
+                {"status": 500, "body": refused, "content_type": "text/plain"},
+                {"status": 200, "body": {"execution-id": "7"}},
+            ],
+        ),
+    }
+    # Argo's retryStrategy: the failed node stays, a child node with an id of its own gets the
+    # same template, so the agent sends a byte-identical body (Argo sends no attempt number).
+    for attempt, phase in ((1, "Failed"), (2, "Succeeded")):
+        tasks = {f"{name}({attempt})": template for name, template in templates.items()}
+        agent.send(tasks)
+        nodes = agent.settled(list(tasks), 20)
+        for node_id in tasks:
+            node = nodes[node_id]
+            check(node["phase"] == phase, f"{node_id}: {node}")
+            if phase == "Failed":  # with the driver's reason
+                check("attempt 1" in node.get("message", ""), f"{node_id}: {node}")
+    counts = world.executions(mock)
+    for name, template in templates.items():
+        ran = counts.get(world.key(template), 0)
+        check(ran == 2, f"{name}: the driver ran {ran} times in 2 attempts")
+    keyed = world.keyed(mock)
+    check(sorted(keyed.values()) == [2, 2], f"executions per key: {keyed}")
+    world.notes.append(f"executions per key over 2 attempts: {sorted(keyed.values())}")
 
 
 @case("SIGTERM mid-call: calls in flight answered, a later call waits for the restart")
