@@ -36,11 +36,12 @@ Contract (docs/CONTRACT.md, "mock_driver_server.py"):
   JSON object, a flat answer) for ``--key-ttl`` (default ``1h``, at least ``10m``, the plugin's
   ``--result-ttl``); a Failed one (any other final answer: a Failed/Error node, a 4xx/5xx such
   as the ``500`` driver failure, an answer that is not JSON) only until it has been handed over
-  once (written whole to a requester that was still connected), so that Argo's retry of a node,
-  which sends the same body, runs the driver again; Running/Pending nodes and 429/502/503/504
-  never (the next request executes). A request without the header executes every time. A
-  malformed key (empty, two headers, over 255 characters, not a quoted string or bare token)
-  is ``400`` text naming the reason; a key reused with another body ``422``, as the draft says.
+  once (written whole to a requester that was still connected; unclaimed, for ``--key-ttl``), so
+  that Argo's retry of a node, which sends the same body, runs the driver again; Running/Pending
+  nodes and 429/502/503/504 never (the next request executes). A request without the header
+  executes every time. A malformed key (empty, two headers, over 255 characters, not a quoted
+  string or bare token) is ``400`` text naming the reason; a key reused with another body
+  ``422``, as the draft says.
 * Errors: a body that is not an agent call for ``driver-plugin`` is ``400`` text, a POST without
   ``Content-Length`` ``411``, a body over 8 MiB ``413``; unknown path ``404``; wrong method
   ``405``. A call still sleeping on ``mock_delay`` when the server shuts down gets ``503``.

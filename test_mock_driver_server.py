@@ -45,8 +45,8 @@ class Reply:
         return [p["name"] for p in self.json()["node"]["outputs"]["parameters"]]
 
 
-def _serving(shape: str) -> Iterator[mds.MockDriverServer]:
-    srv = mds.make_server(shape=shape, log=False)
+def _serving(shape: str, **options: Any) -> Iterator[mds.MockDriverServer]:
+    srv = mds.make_server(shape=shape, log=False, **options)
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield srv
@@ -63,6 +63,18 @@ def server() -> Iterator[mds.MockDriverServer]:
 @pytest.fixture
 def flat_server() -> Iterator[mds.MockDriverServer]:
     yield from _serving("flat")
+
+
+@pytest.fixture
+def now() -> list[float]:
+    """The time the ``clocked`` server sees; a test moves it."""
+    return [1000.0]
+
+
+@pytest.fixture
+def clocked(now: list[float]) -> Iterator[mds.MockDriverServer]:
+    """A node-shape server whose keys live 600 s of ``now``."""
+    yield from _serving("node", key_ttl=600.0, clock=lambda: now[0])
 
 
 def request(
@@ -865,28 +877,42 @@ def test_a_transient_answer_is_shared_with_joiners_but_not_kept(
     assert calls(server)["_keys"] == {KEY: 2}
 
 
-def test_a_succeeded_answer_expires_after_the_key_ttl() -> None:
-    now = [1000.0]
-    srv = mds.make_server(log=False, key_ttl=600.0, clock=lambda: now[0])
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        body = mds.agent_body("ROOT_DAG")
-        execute(srv, body, key=KEY)
-        now[0] += 599.0
-        execute(srv, body, key=KEY)
-        assert calls(srv)["_keys"] == {KEY: 1}  # still replayed just before the TTL
-        now[0] += 1.0
-        execute(srv, body, key=KEY)
-        assert calls(srv)["_keys"] == {KEY: 2}  # expired: the driver runs again
-        assert len(srv.driver.keys) == 1
-        now[0] += 600.0 + mds.SWEEP_INTERVAL
-        execute(srv, body, key="b" * 64)  # a later request sweeps every expired key
-        assert len(srv.driver.keys) == 1
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=10)
+def test_a_succeeded_answer_expires_after_the_key_ttl(
+    clocked: mds.MockDriverServer, now: list[float]
+) -> None:
+    body = mds.agent_body("ROOT_DAG")
+    execute(clocked, body, key=KEY)
+    now[0] += 599.0
+    execute(clocked, body, key=KEY)
+    assert calls(clocked)["_keys"] == {KEY: 1}  # still replayed just before the TTL
+    now[0] += 1.0
+    execute(clocked, body, key=KEY)
+    assert calls(clocked)["_keys"] == {KEY: 2}  # expired: the driver runs again
+    assert len(clocked.driver.keys) == 1
+    now[0] += 600.0 + mds.SWEEP_INTERVAL
+    execute(clocked, body, key="b" * 64)  # a later request sweeps every expired key
+    assert len(clocked.driver.keys) == 1
+
+
+def test_a_failed_answer_nobody_took_expires_after_the_key_ttl(
+    clocked: mds.MockDriverServer, now: list[float]
+) -> None:
+    watch = Watch(clocked)
+    body = mds.agent_body("CONTAINER", extra_args={"mock_fail": "boom"})
+    head = (
+        f"POST {mds.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f'{mds.IDEMPOTENCY_HEADER}: "{KEY}"\r\n\r\n'
+    )
+    watch.release.clear()
+    with socket.create_connection(("127.0.0.1", clocked.port), timeout=30) as gone:
+        gone.sendall(head.encode() + body)
+        watch.wait_roles("executed", 1)
+    watch.release.set()
+    assert watch.handed.get(timeout=30) is False
+    assert len(clocked.driver.keys) == 1  # kept for the requester that left
+    now[0] += 600.0
+    execute(clocked, body, key=KEY)
+    assert watch.roles == ["executed", "executed"]
 
 
 def test_a_key_ttl_below_the_plugins_result_ttl_is_refused() -> None:
