@@ -782,17 +782,17 @@ class MockDriver:
         self._root_ids: dict[str, int] = {}
         self._cache: set[str] = set()
         self._calls: Counter[str] = Counter()
-        self._bearer: Counter[str] = Counter()
+        self._headers: Counter[str] = Counter()
         self.keys = keys if keys is not None else KeyStore()
 
     def note_request(self, *, bearer: bool) -> None:
         with self._lock:
-            self._bearer["_bearer_present" if bearer else "_bearer_absent"] += 1
+            self._headers["_bearer_present" if bearer else "_bearer_absent"] += 1
 
     def note_key(self, *, present: bool) -> None:
         """Count one parsed call with or without an Idempotency-Key."""
         with self._lock:
-            self._bearer["_key_present" if present else "_key_absent"] += 1
+            self._headers["_key_present" if present else "_key_absent"] += 1
 
     def note_call(self, key: str) -> int:
         """Count one execution of ``key``; returns how many there have been, this one included."""
@@ -806,7 +806,7 @@ class MockDriver:
         with self._lock:
             doc = dict(sorted(self._calls.items()))
             for name in ("_bearer_present", "_bearer_absent", "_key_present", "_key_absent"):
-                doc[name] = self._bearer[name]
+                doc[name] = self._headers[name]
         doc.update(self.keys.snapshot())
         return doc
 
