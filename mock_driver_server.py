@@ -40,8 +40,10 @@ Contract (docs/CONTRACT.md, "mock_driver_server.py"):
   that Argo's retry of a node, which sends the same body, runs the driver again; Running/Pending
   nodes and 429/502/503/504 never (the next request executes). A request without the header
   executes every time. A malformed key (empty, two headers, over 255 characters, not a quoted
-  string or bare token) is ``400`` text naming the reason; a key reused with another body
-  ``422``, as the draft says.
+  string or bare token) is ``400`` text naming the reason, and so is a key that is not the
+  SHA-256 of the body (docs/driver-server-contract.md: a server recomputes it, so a key can
+  only name its own body). A real server also scopes keys by the caller's namespace; the mock
+  authenticates nobody, and the body it hashes names the workflow's namespace.
 * Errors: a body that is not an agent call for ``driver-plugin`` is ``400`` text, a POST without
   ``Content-Length`` ``411``, a body over 8 MiB ``413``; unknown path ``404``; wrong method
   ``405``. A call still sleeping on ``mock_delay`` when the server shuts down gets ``503``.
@@ -441,10 +443,6 @@ class BadKey(Exception):
     """The Idempotency-Key header is not one usable key (HTTP 400)."""
 
 
-class KeyReused(Exception):
-    """A key already stands for another body (HTTP 422, as the draft says)."""
-
-
 def parse_idempotency_key(values: list[str]) -> str | None:
     """The key of a request's ``Idempotency-Key`` header values; None without the header.
 
@@ -510,8 +508,7 @@ def keep_of(answer: Answer) -> Keep:
 class KeyedExecution:
     """One driver execution under a key: in flight until ``answer`` is set and ``done`` fires."""
 
-    def __init__(self, fingerprint: bytes) -> None:
-        self.fingerprint = fingerprint
+    def __init__(self) -> None:
         self.done = threading.Event()
         self.answer: Answer | None = None
         self.keep: Keep = "never"
@@ -547,9 +544,9 @@ class KeyStore:
         with self._lock:
             return len(self._entries)
 
-    def begin(self, key: str, fingerprint: bytes) -> tuple[Role, KeyedExecution]:
+    def begin(self, key: str) -> tuple[Role, KeyedExecution]:
         """``executed``: the caller runs the driver and calls ``finish``; ``joined``: wait for
-        ``done``; ``replayed``: the answer is there. KeyReused when the key has another body."""
+        ``done``; ``replayed``: the answer is there."""
         with self._lock:
             now = self.clock()
             if now >= self._next_sweep:
@@ -560,11 +557,9 @@ class KeyStore:
                 entry = None
             role: Role
             if entry is None:
-                entry = self._entries[key] = KeyedExecution(fingerprint)
+                entry = self._entries[key] = KeyedExecution()
                 self._executions[key] += 1
                 role = "executed"
-            elif entry.fingerprint != fingerprint:
-                raise KeyReused(f"this {IDEMPOTENCY_HEADER} was used with another request body")
             else:
                 role = "replayed" if entry.done.is_set() else "joined"
             self._served[role] += 1
@@ -1080,6 +1075,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         driver.note_request(bearer=_has_bearer(self.headers.get("Authorization")))
         try:
             key = parse_idempotency_key(self.headers.get_all(IDEMPOTENCY_HEADER) or [])
+            if key is not None and key != hashlib.sha256(body).hexdigest():
+                raise BadKey(
+                    f"{IDEMPOTENCY_HEADER} is not the SHA-256 of the request body "
+                    "(64 lower-case hex digits)"
+                )
         except BadKey as exc:
             self._send_text(400, f"{exc}\n")
             return
@@ -1094,11 +1094,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if key is None:  # every request is an execution
             self._send(self._run(call, knobs))
             return
-        try:
-            role, entry = driver.keys.begin(key, hashlib.sha256(body).digest())
-        except KeyReused as exc:
-            self._send_text(422, f"{exc}\n")
-            return
+        role, entry = driver.keys.begin(key)
         self._served = role
         if role == "executed":
             answer = Answer.text(500, "mock driver server: the execution raised\n")

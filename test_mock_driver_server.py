@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import queue
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -670,7 +671,12 @@ def test_calls_key_matches_agent_call_key() -> None:
 
 # Idempotency-Key ####
 
-KEY = "a" * 64  # the plugin sends the SHA-256 of the agent body; the mock treats keys as opaque
+
+def key_of(body: bytes) -> str:
+    """The key the plugin sends for ``body`` (and the only one the mock accepts for it)."""
+    return hashlib.sha256(body).hexdigest()
+
+
 SUCCEEDED = {"status": 200, "body": {"node": {"phase": "Succeeded", "message": "second"}}}
 
 
@@ -688,8 +694,8 @@ class Watch:
         keys, driver, watch = srv.driver.keys, srv.driver, self
         begin, note_call = keys.begin, driver.note_call
 
-        def begin_and_tell(key: str, fingerprint: bytes) -> tuple[mds.Role, mds.KeyedExecution]:
-            role, entry = begin(key, fingerprint)
+        def begin_and_tell(key: str) -> tuple[mds.Role, mds.KeyedExecution]:
+            role, entry = begin(key)
             with self.changed:
                 self.roles.append(role)
                 self.changed.notify_all()
@@ -710,6 +716,20 @@ class Watch:
         keys.begin = begin_and_tell  # type: ignore[method-assign]
         driver.note_call = gated  # type: ignore[method-assign]
         srv.RequestHandlerClass = Handler
+
+    def leave_mid_call(self, srv: mds.MockDriverServer, body: bytes) -> None:
+        """A keyed call whose requester goes away while the driver runs (the plugin killed
+        mid-call); returns once the server has tried to hand the answer over."""
+        head = (
+            f"POST {mds.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            f'{mds.IDEMPOTENCY_HEADER}: "{key_of(body)}"\r\n\r\n'
+        )
+        self.release.clear()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as gone:
+            gone.sendall(head.encode() + body)
+            self.wait_roles("executed", 1)
+        self.release.set()  # the execution goes on without its requester
+        assert self.handed.get(timeout=30) is False
 
     def wait_roles(self, role: str, count: int) -> None:
         with self.changed:
@@ -736,9 +756,9 @@ def test_concurrent_requests_with_one_key_join_one_execution(
     watch.release.clear()
     body = mds.agent_body("CONTAINER")
     replies: queue.Queue[Reply] = queue.Queue()
-    threads = [keyed_in_thread(server, body, KEY, replies)]
+    threads = [keyed_in_thread(server, body, key_of(body), replies)]
     assert watch.entered.wait(30)  # the driver is running for the first request
-    threads += [keyed_in_thread(server, body, KEY, replies) for _ in range(3)]
+    threads += [keyed_in_thread(server, body, key_of(body), replies) for _ in range(3)]
     watch.wait_roles("joined", 3)  # the other three are waiting for its answer
     watch.release.set()
     for thread in threads:
@@ -747,7 +767,7 @@ def test_concurrent_requests_with_one_key_join_one_execution(
     assert {(a.status, a.body) for a in answers} == {(answers[0].status, answers[0].body)}
     assert answers[0].params()["cached-decision"] == "false"  # one run, no cache hit
     doc = calls(server)
-    assert doc["_keys"] == {KEY: 1}
+    assert doc["_keys"] == {key_of(body): 1}
     assert doc[f"{RUN}/echo/-1"] == 1
     assert (doc["_joined"], doc["_replayed"], doc["_key_present"]) == (3, 0, 4)
 
@@ -768,23 +788,26 @@ def test_a_succeeded_answer_is_replayed_and_knobs_count_executions(
         return False  # as if mock_delay had passed without a shutdown
 
     server.stopping.wait = no_sleep  # type: ignore[method-assign]
-    first, again = execute(server, body, key=KEY), execute(server, body, key=KEY)
+    first, again = execute(server, body, key=key_of(body)), execute(server, body, key=key_of(body))
     assert again.status == first.status == 200
     assert again.body == first.body == b'{"node":{"phase":"Succeeded","message":"first"}}'
     assert waits == [600.0]  # mock_delay once: a replay does not sleep
     keyless = execute(server, body)  # an execution: the next canned answer
     assert keyless.json()["node"]["message"] == "second"
-    assert execute(server, body, key=KEY).body == first.body  # still the keyed one
+    assert execute(server, body, key=key_of(body)).body == first.body  # still the keyed one
     doc = calls(server)
-    assert (doc["_keys"], doc[f"{RUN}/echo/-1"]) == ({KEY: 1}, 2)
+    assert (doc["_keys"], doc[f"{RUN}/echo/-1"]) == ({key_of(body): 1}, 2)
     assert (doc["_replayed"], doc["_key_present"], doc["_key_absent"]) == (2, 3, 1)
 
 
 def test_a_flat_answer_is_replayed(flat_server: mds.MockDriverServer) -> None:
     body = mds.agent_body("DAG")
-    first, again = execute(flat_server, body, key=KEY), execute(flat_server, body, key=KEY)
+    first, again = (
+        execute(flat_server, body, key=key_of(body)),
+        execute(flat_server, body, key=key_of(body)),
+    )
     assert (first.status, again.body) == (200, first.body)
-    assert calls(flat_server)["_keys"] == {KEY: 1}
+    assert calls(flat_server)["_keys"] == {key_of(body): 1}
 
 
 @pytest.mark.parametrize(
@@ -803,36 +826,28 @@ def test_a_failed_answer_is_handed_over_once_then_the_driver_runs_again(
 ) -> None:
     watch = Watch(server)
     body = mds.agent_body("CONTAINER", extra_args={"mock_answers": [failed, SUCCEEDED]})
-    first = execute(server, body, key=KEY)
+    first = execute(server, body, key=key_of(body))
     assert first.status == failed["status"]
     assert watch.handed.get(timeout=30) is True
-    retry = execute(server, body, key=KEY)  # Argo's retry of the node: the same body, the same key
+    retry = execute(
+        server, body, key=key_of(body)
+    )  # Argo's retry of the node: the same body, the same key
     assert (retry.status, retry.json()["node"]["message"]) == (200, "second")
-    assert execute(server, body, key=KEY).body == retry.body  # and that one is kept
-    assert calls(server)["_keys"] == {KEY: 2}
+    assert execute(server, body, key=key_of(body)).body == retry.body  # and that one is kept
+    assert calls(server)["_keys"] == {key_of(body): 2}
     assert watch.roles == ["executed", "executed", "replayed"]
 
 
 def test_a_failed_answer_stays_until_a_requester_takes_it(server: mds.MockDriverServer) -> None:
     watch = Watch(server)
-    watch.release.clear()
     body = mds.agent_body("CONTAINER", extra_args={"mock_fail": "boom"})
-    head = (
-        f"POST {mds.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-        f'{mds.IDEMPOTENCY_HEADER}: "{KEY}"\r\n\r\n'
-    )
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as gone:
-        gone.sendall(head.encode() + body)
-        watch.wait_roles("executed", 1)
-    # The requester went away mid-call (the plugin was killed); the execution goes on.
-    watch.release.set()
-    assert watch.handed.get(timeout=30) is False
-    kept = execute(server, body, key=KEY)  # the restarted plugin asks again: the same answer
+    watch.leave_mid_call(server, body)
+    kept = execute(server, body, key=key_of(body))  # the restarted plugin: the same answer
     assert (kept.status, kept.body) == (500, b"driver execution failed: boom")
     assert watch.handed.get(timeout=30) is True
-    execute(server, body, key=KEY)  # handed over: a new request runs the driver again
+    execute(server, body, key=key_of(body))  # handed over: a new request runs the driver again
     assert watch.roles == ["executed", "replayed", "executed"]
-    assert calls(server)["_keys"] == {KEY: 2}
+    assert calls(server)["_keys"] == {key_of(body): 2}
 
 
 @pytest.mark.parametrize(
@@ -850,10 +865,28 @@ def test_running_and_transient_answers_are_never_kept(
     server: mds.MockDriverServer, answer: dict[str, Any]
 ) -> None:
     body = mds.agent_body("CONTAINER", extra_args={"mock_answers": [answer, answer, SUCCEEDED]})
-    statuses = [execute(server, body, key=KEY).status for _ in range(3)]
+    statuses = [execute(server, body, key=key_of(body)).status for _ in range(3)]
     assert statuses == [answer["status"], answer["status"], 200]
-    assert calls(server)["_keys"] == {KEY: 3}
+    assert calls(server)["_keys"] == {key_of(body): 3}
     assert calls(server)["_replayed"] == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": 200, "body": {"node": {"phase": "Running"}, "requeue": "5s"}},
+        {"status": 503, "body": "unavailable", "content_type": "text/plain"},
+    ],
+)
+def test_running_and_transient_answers_are_not_kept_even_when_nobody_took_them(
+    server: mds.MockDriverServer, answer: dict[str, Any]
+) -> None:
+    watch = Watch(server)
+    body = mds.agent_body("CONTAINER", extra_args={"mock_answers": [answer, SUCCEEDED]})
+    watch.leave_mid_call(server, body)
+    assert len(server.driver.keys) == 0
+    assert execute(server, body, key=key_of(body)).json()["node"]["message"] == "second"
+    assert watch.roles == ["executed", "executed"]
 
 
 def test_a_transient_answer_is_shared_with_joiners_but_not_kept(
@@ -864,33 +897,34 @@ def test_a_transient_answer_is_shared_with_joiners_but_not_kept(
     unavailable = {"status": 503, "body": "unavailable", "content_type": "text/plain"}
     body = mds.agent_body("CONTAINER", extra_args={"mock_answers": [unavailable, SUCCEEDED]})
     replies: queue.Queue[Reply] = queue.Queue()
-    threads = [keyed_in_thread(server, body, KEY, replies)]
+    threads = [keyed_in_thread(server, body, key_of(body), replies)]
     assert watch.entered.wait(30)
-    threads.append(keyed_in_thread(server, body, KEY, replies))
+    threads.append(keyed_in_thread(server, body, key_of(body), replies))
     watch.wait_roles("joined", 1)
     watch.release.set()
     for thread in threads:
         thread.join(30)
     assert [replies.get_nowait().status for _ in threads] == [503, 503]
     assert len(server.driver.keys) == 0
-    assert execute(server, body, key=KEY).json()["node"]["message"] == "second"
-    assert calls(server)["_keys"] == {KEY: 2}
+    assert execute(server, body, key=key_of(body)).json()["node"]["message"] == "second"
+    assert calls(server)["_keys"] == {key_of(body): 2}
 
 
 def test_a_succeeded_answer_expires_after_the_key_ttl(
     clocked: mds.MockDriverServer, now: list[float]
 ) -> None:
     body = mds.agent_body("ROOT_DAG")
-    execute(clocked, body, key=KEY)
+    execute(clocked, body, key=key_of(body))
     now[0] += 599.0
-    execute(clocked, body, key=KEY)
-    assert calls(clocked)["_keys"] == {KEY: 1}  # still replayed just before the TTL
+    execute(clocked, body, key=key_of(body))
+    assert calls(clocked)["_keys"] == {key_of(body): 1}  # still replayed just before the TTL
     now[0] += 1.0
-    execute(clocked, body, key=KEY)
-    assert calls(clocked)["_keys"] == {KEY: 2}  # expired: the driver runs again
+    execute(clocked, body, key=key_of(body))
+    assert calls(clocked)["_keys"] == {key_of(body): 2}  # expired: the driver runs again
     assert len(clocked.driver.keys) == 1
     now[0] += 600.0 + mds.SWEEP_INTERVAL
-    execute(clocked, body, key="b" * 64)  # a later request sweeps every expired key
+    other = mds.agent_body("DAG")
+    execute(clocked, other, key=key_of(other))  # a later request sweeps every expired key
     assert len(clocked.driver.keys) == 1
 
 
@@ -899,19 +933,10 @@ def test_a_failed_answer_nobody_took_expires_after_the_key_ttl(
 ) -> None:
     watch = Watch(clocked)
     body = mds.agent_body("CONTAINER", extra_args={"mock_fail": "boom"})
-    head = (
-        f"POST {mds.EXECUTE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-        f'{mds.IDEMPOTENCY_HEADER}: "{KEY}"\r\n\r\n'
-    )
-    watch.release.clear()
-    with socket.create_connection(("127.0.0.1", clocked.port), timeout=30) as gone:
-        gone.sendall(head.encode() + body)
-        watch.wait_roles("executed", 1)
-    watch.release.set()
-    assert watch.handed.get(timeout=30) is False
+    watch.leave_mid_call(clocked, body)
     assert len(clocked.driver.keys) == 1  # kept for the requester that left
     now[0] += 600.0
-    execute(clocked, body, key=KEY)
+    execute(clocked, body, key=key_of(body))
     assert watch.roles == ["executed", "executed"]
 
 
@@ -943,19 +968,24 @@ def test_requests_without_a_key_execute_every_time(server: mds.MockDriverServer)
 @pytest.mark.parametrize(
     ("value", "key"),
     [
-        (f'"{KEY}"', KEY),
-        (KEY, KEY),  # a bare token is the same key
+        ('"abc"', "abc"),  # a structured-field string, as the plugin sends it
+        ("abc", "abc"),  # a bare token is the same key
         (' "x" ', "x"),
         ('"a\\"b\\\\c d"', 'a"b\\c d'),  # structured-field escapes
         ("urn:key/1", "urn:key/1"),
     ],
 )
-def test_keys_quoted_or_bare(server: mds.MockDriverServer, value: str, key: str) -> None:
+def test_keys_quoted_or_bare_parse(value: str, key: str) -> None:
     assert mds.parse_idempotency_key([value]) == key
-    headers = {mds.IDEMPOTENCY_HEADER: value}
-    reply = request(server, "POST", mds.EXECUTE_PATH, mds.agent_body("ROOT_DAG"), headers)
+
+
+@pytest.mark.parametrize("form", ['"{}"', "{}", ' "{}"\t'])
+def test_the_bodys_key_quoted_or_bare_is_one_key(server: mds.MockDriverServer, form: str) -> None:
+    body = mds.agent_body("ROOT_DAG")
+    headers = {mds.IDEMPOTENCY_HEADER: form.format(key_of(body))}
+    reply = request(server, "POST", mds.EXECUTE_PATH, body, headers)
     assert reply.status == 200
-    assert calls(server)["_keys"] == {key: 1}
+    assert calls(server)["_keys"] == {key_of(body): 1}
 
 
 @pytest.mark.parametrize(
@@ -993,12 +1023,27 @@ def test_a_malformed_key_is_400_with_the_reason(
     assert [k for k in calls(server) if "/" in k] == []  # not executed
 
 
-def test_a_key_reused_for_another_body_is_422(server: mds.MockDriverServer) -> None:
-    assert execute(server, mds.agent_body("ROOT_DAG"), key=KEY).status == 200
-    reply = execute(server, mds.agent_body("DAG"), key=KEY)
-    assert reply.status == 422
-    assert b"another request body" in reply.body
-    assert calls(server)["_keys"] == {KEY: 1}
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        pytest.param(lambda body: key_of(mds.agent_body("DAG")), id="another body's"),
+        pytest.param(lambda body: key_of(body).upper(), id="upper-case hex"),
+        pytest.param(lambda body: hashlib.sha1(body).hexdigest(), id="sha1"),  # noqa: S324
+        pytest.param(lambda body: "a" * 64, id="made up"),
+    ],
+)
+def test_a_key_that_is_not_the_bodys_sha256_is_400(
+    server: mds.MockDriverServer, wrong: Callable[[bytes], str]
+) -> None:
+    body = mds.agent_body("ROOT_DAG")
+    reply = execute(server, body, key=wrong(body))
+    assert reply.status == 400
+    assert (
+        reply.body
+        == b"Idempotency-Key is not the SHA-256 of the request body (64 lower-case hex digits)\n"
+    )
+    doc = calls(server)
+    assert [k for k in doc if "/" in k] == [] and doc["_keys"] == {}  # not executed
 
 
 # agent_body / foreign_body ####
