@@ -55,11 +55,11 @@ Contract (docs/CONTRACT.md, "mock_driver_server.py"):
   without an ``Authorization: Bearer`` header, ``_key_present`` and ``_key_absent`` counting
   parsed calls with and without an ``Idempotency-Key``, ``_keys`` (an object: each key seen to
   its number of driver executions), ``_joined`` and ``_replayed`` (keyed calls answered without
-  an execution). Call keys always contain ``/``; the ``_`` fields never do, and only ``_keys``
-  is not a number. For example::
+  an execution) and ``_running`` (executions not finished yet). Call keys always contain ``/``;
+  the ``_`` fields never do, and only ``_keys`` is not a number. For example::
 
       {"<uid>/echo/-1": 1, "_bearer_present": 3, "_bearer_absent": 0, "_key_present": 3,
-       "_key_absent": 0, "_keys": {"9f2c...": 1}, "_joined": 1, "_replayed": 1}
+       "_key_absent": 0, "_running": 0, "_keys": {"9f2c...": 1}, "_joined": 1, "_replayed": 1}
 
 How outputs are computed (deterministic for a given sequence of calls in one process):
 
@@ -790,17 +790,29 @@ class MockDriver:
             self._headers["_key_present" if present else "_key_absent"] += 1
 
     def note_call(self, key: str) -> int:
-        """Count one execution of ``key``; returns how many there have been, this one included."""
+        """Count one execution of ``key``; returns how many there have been, this one included.
+        It runs until ``note_done``."""
         with self._lock:
             self._calls[key] += 1
+            self._headers["_running"] += 1
             return self._calls[key]
+
+    def note_done(self) -> None:
+        with self._lock:
+            self._headers["_running"] -= 1
 
     def calls(self) -> dict[str, int | dict[str, int]]:
         """The ``GET /calls`` document."""
         doc: dict[str, int | dict[str, int]]
         with self._lock:
             doc = dict(sorted(self._calls.items()))
-            for name in ("_bearer_present", "_bearer_absent", "_key_present", "_key_absent"):
+            for name in (
+                "_bearer_present",
+                "_bearer_absent",
+                "_key_present",
+                "_key_absent",
+                "_running",
+            ):
                 doc[name] = self._headers[name]
         doc.update(self.keys.snapshot())
         return doc
@@ -1109,8 +1121,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _run(self, call: AgentCall, knobs: Knobs) -> Answer:
         """One driver execution: counted, delayed, then the canned, failing or driven answer."""
+        execution = self.server.driver.note_call(call.key)
+        try:
+            return self._drive(call, knobs, execution)
+        finally:
+            self.server.driver.note_done()
+
+    def _drive(self, call: AgentCall, knobs: Knobs, execution: int) -> Answer:
         driver = self.server.driver
-        execution = driver.note_call(call.key)
         shape = knobs.shape or self.server.shape
         if knobs.delay > 0 and self.server.stopping.wait(knobs.delay):
             return Answer.text(503, "mock driver server is shutting down")

@@ -572,8 +572,9 @@ def test_slow_call_does_not_block_others_and_shutdown_wakes_it() -> None:
         # A second connection is served while the first sleeps (one thread per connection).
         fast = execute(srv, mds.agent_body("DAG"))
         assert fast.params()["iteration-count"] == "3"
-        # The slow call is already counted, and has not been answered.
-        assert request(srv, "GET", "/calls").json()[f"{RUN}/ROOT_DAG/-1"] == 1
+        # The slow call is already counted, is running, and has not been answered.
+        doc = request(srv, "GET", "/calls").json()
+        assert (doc[f"{RUN}/ROOT_DAG/-1"], doc["_running"]) == (1, 1)
         readable, _, _ = select.select([slow], [], [], 0)
         assert readable == []
         srv.shutdown()
@@ -646,6 +647,7 @@ def test_calls_counts_executions_and_bearer_presence(server: mds.MockDriverServe
         "_bearer_absent": 1,
         "_key_present": 0,
         "_key_absent": 4,
+        "_running": 0,
         "_keys": {},
         "_joined": 0,
         "_replayed": 0,
