@@ -603,8 +603,27 @@ def calls_in_flight(
 
 @case("plugin SIGKILLed and restarted mid-call: no node lost, no driver call run twice")
 def sigkill_restart(world: World) -> None:
+    sigkill(world, restart_after_the_driver=False)
+
+
+@case("plugin SIGKILLed mid-call, back after the driver answered: re-sends replayed, none re-run")
+def sigkill_late_restart(world: World) -> None:
+    sigkill(world, restart_after_the_driver=True)
+
+
+def sigkill(world: World, restart_after_the_driver: bool) -> None:
+    """Six 3 s driver calls in flight, the plugin SIGKILLed: the agent re-sends every one. The
+    plugin comes back while the driver still runs them (re-sends join) or once it has answered
+    into the dead connections (re-sends are replayed); either way each runs once."""
     mock, plugin, agent, tasks = calls_in_flight(world, 6)
     plugin.service.signal(signal.SIGKILL)
+    plugin.service.process.wait()
+    if restart_after_the_driver:
+
+        def finished() -> bool:
+            return int(json.loads(mock.get("/calls"))["_running"]) == 0
+
+        wait_until(finished, 20, "the driver's answers to the killed plugin")
     plugin.restart()
     nodes = agent.settled(list(tasks), 60)
     lost = [i for i, n in nodes.items() if n["phase"] != "Succeeded"]
@@ -619,6 +638,8 @@ def sigkill_restart(world: World) -> None:
         f"re-sent calls the driver server joined: {served['_joined']}, replayed: "
         f"{served['_replayed']}"
     )
+    shared = served["_replayed" if restart_after_the_driver else "_joined"]
+    check(shared >= len(tasks), f"re-sends {served}: wanted every call re-sent after the kill")
 
 
 @case("a retried node (same body, new node id): the driver runs again, once per attempt")
