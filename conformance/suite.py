@@ -638,7 +638,9 @@ def sigkill(world: World, restart_after_the_driver: bool) -> None:
         f"re-sent calls the driver server joined: {served['_joined']}, replayed: "
         f"{served['_replayed']}"
     )
-    shared = served["_replayed" if restart_after_the_driver else "_joined"]
+    # Back early, a re-send joins unless its retry comes after the driver's answer (under load);
+    # back late, every re-send is a replay.
+    shared = served["_replayed"] + (0 if restart_after_the_driver else served["_joined"])
     check(shared >= len(tasks), f"re-sends {served}: wanted every call re-sent after the kill")
 
 
