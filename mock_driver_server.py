@@ -44,6 +44,9 @@ Contract (docs/CONTRACT.md, "mock_driver_server.py"):
   SHA-256 of the body (docs/driver-server-contract.md: a server recomputes it, so a key can
   only name its own body). A real server also scopes keys by the caller's namespace; the mock
   authenticates nobody, and the body it hashes names the workflow's namespace.
+  ``--break-keys no-join|no-replay|keep-failed`` breaks this one way on purpose (a key in flight
+  runs again; a finished key is forgotten; a Failed answer is kept), so that ``make
+  conformance`` can show its key assertions fail.
 * Errors: a body that is not an agent call for ``driver-plugin`` is ``400`` text, a POST without
   ``Content-Length`` ``411``, a body over 8 MiB ``413``; unknown path ``404``; wrong method
   ``405``. A call still sleeping on ``mock_delay`` when the server shuts down gets ``503``.
@@ -437,6 +440,10 @@ _BARE_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z:/]+")
 
 Keep = Literal["succeeded", "failed", "never"]
 Role = Literal["executed", "joined", "replayed"]
+# Deliberately wrong servers (``--break-keys``), so that make conformance can show that its key
+# assertions fail: a request whose key is in flight runs the driver again; a finished key is
+# forgotten at once; a Failed answer is kept like a Succeeded one.
+BROKEN_KEYS: Final = ("no-join", "no-replay", "keep-failed")
 
 
 class BadKey(Exception):
@@ -525,14 +532,21 @@ class KeyedExecution:
 class KeyStore:
     """The executions the server remembers by key, and what ``GET /calls`` reports about them.
 
-    ``clock`` (seconds, monotonic) is a parameter so that tests can move time.
+    ``clock`` (seconds, monotonic) is a parameter so that tests can move time; ``broken`` one of
+    ``BROKEN_KEYS``, or None for a server that keeps the contract.
     """
 
     def __init__(
-        self, ttl: float = DEFAULT_KEY_TTL, clock: Callable[[], float] = time.monotonic
+        self,
+        ttl: float = DEFAULT_KEY_TTL,
+        clock: Callable[[], float] = time.monotonic,
+        broken: str | None = None,
     ) -> None:
+        if broken is not None and broken not in BROKEN_KEYS:
+            raise ValueError(f"broken must be one of {', '.join(BROKEN_KEYS)}, not {broken!r}")
         self.ttl = ttl
         self.clock = clock
+        self.broken = broken
         self._lock = threading.Lock()
         self._entries: dict[str, KeyedExecution] = {}
         self._executions: Counter[str] = Counter()
@@ -555,6 +569,10 @@ class KeyStore:
             if entry is not None and entry.expires <= now:
                 del self._entries[key]
                 entry = None
+            if entry is not None and self.broken == (
+                "no-replay" if entry.done.is_set() else "no-join"
+            ):
+                entry = None
             role: Role
             if entry is None:
                 entry = self._entries[key] = KeyedExecution()
@@ -570,6 +588,8 @@ class KeyStore:
         with self._lock:
             entry.answer = answer
             entry.keep = keep_of(answer)
+            if entry.keep == "failed" and self.broken == "keep-failed":
+                entry.keep = "succeeded"
             if entry.keep == "never":
                 self._forget(key, entry)
             else:
@@ -910,12 +930,13 @@ class MockDriverServer(http.server.ThreadingHTTPServer):
         log: bool = True,
         key_ttl: float = DEFAULT_KEY_TTL,
         clock: Callable[[], float] = time.monotonic,
+        break_keys: str | None = None,
     ) -> None:
         if not key_ttl >= MIN_KEY_TTL:
             raise ValueError(f"key_ttl must be at least {MIN_KEY_TTL:g} s, the plugin's result TTL")
         self.shape: Shape = shape
         self.log_enabled = log
-        self.driver = MockDriver(KeyStore(key_ttl, clock))
+        self.driver = MockDriver(KeyStore(key_ttl, clock, break_keys))
         self.stopping = threading.Event()
         self._log_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -1159,15 +1180,19 @@ def make_server(
     log: bool = True,
     key_ttl: float = DEFAULT_KEY_TTL,
     clock: Callable[[], float] = time.monotonic,
+    break_keys: str | None = None,
 ) -> MockDriverServer:
     """A bound, listening server; run ``serve_forever()`` on a thread, stop with ``shutdown()``.
 
-    ``key_ttl`` (seconds, at least ``MIN_KEY_TTL``) and ``clock`` are the KeyStore's.
+    ``key_ttl`` (seconds, at least ``MIN_KEY_TTL``), ``clock`` and ``break_keys`` (its
+    ``broken``) are the KeyStore's.
     """
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, not {shape!r}")
     checked: Shape = "node" if shape == "node" else "flat"
-    return MockDriverServer((host, port), checked, log=log, key_ttl=key_ttl, clock=clock)
+    return MockDriverServer(
+        (host, port), checked, log=log, key_ttl=key_ttl, clock=clock, break_keys=break_keys
+    )
 
 
 # Agent bodies ####
@@ -1505,6 +1530,12 @@ def main(argv: list[str] | None = None) -> int:
         help="how long a Succeeded answer is replayed under its Idempotency-Key, a Go duration "
         "of at least 10m, the plugin's --result-ttl (default %(default)s)",
     )
+    parser.add_argument(
+        "--break-keys",
+        choices=BROKEN_KEYS,
+        help="break the Idempotency-Key contract one way: make conformance's proof that its "
+        "key assertions can fail",
+    )
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
     ns = parser.parse_args(argv)
     if not 0 <= ns.port <= 65535:
@@ -1516,11 +1547,20 @@ def main(argv: list[str] | None = None) -> int:
     if key_ttl < MIN_KEY_TTL:
         parser.error(f"--key-ttl {ns.key_ttl} is below 10m, the plugin's --result-ttl")
     try:
-        server = make_server(ns.host, ns.port, ns.shape, log=True, key_ttl=key_ttl)
+        server = make_server(
+            ns.host, ns.port, ns.shape, log=True, key_ttl=key_ttl, break_keys=ns.break_keys
+        )
     except OSError as exc:
         print(json.dumps({"msg": "cannot listen", "error": str(exc)}), file=sys.stderr)
         return 1
-    server.log(msg="listening", host=ns.host, port=server.port, shape=ns.shape, key_ttl=ns.key_ttl)
+    server.log(
+        msg="listening",
+        host=ns.host,
+        port=server.port,
+        shape=ns.shape,
+        key_ttl=ns.key_ttl,
+        break_keys=ns.break_keys,
+    )
     server.log_enabled = not ns.quiet
 
     def _stop(signum: int, frame: FrameType | None) -> None:

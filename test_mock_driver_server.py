@@ -942,6 +942,32 @@ def test_a_failed_answer_nobody_took_expires_after_the_key_ttl(
     assert watch.roles == ["executed", "executed"]
 
 
+def test_each_broken_key_store_breaks_the_contract_its_way() -> None:
+    """``--break-keys``: what make conformance's key assertions must catch."""
+    body = mds.agent_body("ROOT_DAG")
+    failed = mds.agent_body("ROOT_DAG", extra_args={"mock_fail": "boom"})
+    roles: dict[str, list[mds.Role]] = {}
+    for broken in (None, *mds.BROKEN_KEYS):
+        store = mds.KeyStore(broken=broken)
+        first, entry = store.begin(key_of(body))  # in flight
+        second, _ = store.begin(key_of(body))
+        store.finish(key_of(body), entry, mds.Answer.json(200, {"node": {"phase": "Succeeded"}}))
+        third, _ = store.begin(key_of(body))
+        _, entry = store.begin(key_of(failed))
+        store.finish(key_of(failed), entry, mds.Answer.text(500, "boom"))
+        store.handed_over(key_of(failed), entry)
+        retry, _ = store.begin(key_of(failed))
+        roles[str(broken)] = [first, second, third, retry]
+    assert roles == {
+        "None": ["executed", "joined", "replayed", "executed"],
+        "no-join": ["executed", "executed", "executed", "executed"],  # the second is in flight
+        "no-replay": ["executed", "joined", "executed", "executed"],
+        "keep-failed": ["executed", "joined", "replayed", "replayed"],
+    }
+    with pytest.raises(ValueError, match="broken"):
+        mds.KeyStore(broken="forgetful")
+
+
 def test_a_key_ttl_below_the_plugins_result_ttl_is_refused() -> None:
     with pytest.raises(ValueError, match="key_ttl"):
         mds.make_server(log=False, key_ttl=599.0)
