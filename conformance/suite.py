@@ -8,7 +8,9 @@ own module, see ``agent.go``), hands the agent a WorkflowTaskSet of KFP-shaped t
 on what the agent patched into ``status.nodes`` and on what the mock executed.
 
 Then it proves it can fail: the same quick cases run against ``plugins.py mutant`` fronts that
-break the plugin's replies one way each (404, numeric requeue, node without phase); every mutant
+break the plugin's replies one way each (404, numeric requeue, node without phase), and the cases
+about the Idempotency-Key against a mock driver server that breaks the key contract one way each
+(``mock_driver_server.py --break-keys``: no join, no replay, Failed answers kept); every mutant
 must turn at least one case red.
 
 Usage::
@@ -49,6 +51,8 @@ import mock_driver_server as mds  # noqa: E402  (the repo root is not a package)
 from conformance.plugins import MUTANTS  # noqa: E402
 
 PYTHON = sys.executable
+MOCK_MUTANT = "mock:"  # a mutant name with this prefix is a mock that breaks the key contract
+MOCK_MUTANTS = tuple(MOCK_MUTANT + how for how in mds.BROKEN_KEYS)
 TERMINAL = frozenset({"Succeeded", "Failed", "Error", "Skipped", "Omitted"})
 Nodes = dict[str, dict[str, Any]]
 
@@ -247,7 +251,11 @@ class World:
     """Processes, files and the TaskSet of one case on one Argo line; all gone at the end."""
 
     def __init__(self, agent_binary: str, mutant: str | None, stack: contextlib.ExitStack) -> None:
-        self.agent_binary, self.mutant, self.stack = agent_binary, mutant, stack
+        self.agent_binary, self.stack = agent_binary, stack
+        # "mock:<how>" breaks the mock's key contract; any other mutant is a plugin front.
+        broken_mock = mutant is not None and mutant.startswith(MOCK_MUTANT)
+        self.mutant = None if broken_mock else mutant
+        self.broken_keys = mutant.removeprefix(MOCK_MUTANT) if mutant and broken_mock else None
         self.dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="conformance-")))
         self.uid = f"run-{secrets.token_hex(6)}"
         self.token = secrets.token_hex(16)  # 32 characters, like Argo's rand.String(32)
@@ -273,8 +281,10 @@ class World:
             service.stop()
 
     def mock(self, port: int = 0) -> Service:
-        mock = [PYTHON, str(REPO / "mock_driver_server.py"), "--host=127.0.0.1"]
-        return self.start("mock", [*mock, f"--port={port}"])
+        mock = [PYTHON, str(REPO / "mock_driver_server.py"), "--host=127.0.0.1", f"--port={port}"]
+        if self.broken_keys:
+            mock.append(f"--break-keys={self.broken_keys}")
+        return self.start("mock", mock)
 
     def plugin(self, upstream: str, *flags: str, token_file: Path | None = None) -> Plugin:
         return Plugin(self, upstream, list(flags), token_file or self.token_file)
@@ -338,15 +348,18 @@ class Case:
     name: str
     claim: str
     run: Callable[[World], None]
-    quick: bool = False  # also run against every mutant
+    quick: bool = False  # also run against every plugin mutant
+    keys: bool = False  # also run against every mock that breaks the key contract
 
 
 CASES: list[Case] = []
 
 
-def case(claim: str, quick: bool = False) -> Callable[[Callable[[World], None]], None]:
+def case(
+    claim: str, quick: bool = False, keys: bool = False
+) -> Callable[[Callable[[World], None]], None]:
     def register(run: Callable[[World], None]) -> None:
-        CASES.append(Case(run.__name__.replace("_", "-"), claim, run, quick))
+        CASES.append(Case(run.__name__.replace("_", "-"), claim, run, quick, keys))
 
     return register
 
@@ -601,12 +614,15 @@ def calls_in_flight(
     return mock, plugin, agent, tasks
 
 
-@case("plugin SIGKILLed and restarted mid-call: no node lost, no driver call run twice")
+@case("plugin SIGKILLed and restarted mid-call: no node lost, no driver call run twice", keys=True)
 def sigkill_restart(world: World) -> None:
     sigkill(world, restart_after_the_driver=False)
 
 
-@case("plugin SIGKILLed mid-call, back after the driver answered: re-sends replayed, none re-run")
+@case(
+    "plugin SIGKILLed mid-call, back after the driver answered: re-sends replayed, none re-run",
+    keys=True,
+)
 def sigkill_late_restart(world: World) -> None:
     sigkill(world, restart_after_the_driver=True)
 
@@ -644,7 +660,7 @@ def sigkill(world: World, restart_after_the_driver: bool) -> None:
     check(shared >= len(tasks), f"re-sends {served}: wanted every call re-sent after the kill")
 
 
-@case("a retried node (same body, new node id): the driver runs again, once per attempt")
+@case("a retried node (same body, new node id): the driver runs again, once per attempt", keys=True)
 def retried_node(world: World) -> None:
     mock = world.mock()
     plugin = world.plugin(mock.url)
@@ -819,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     mutants = () if options.no_mutants else MUTANTS
     runs += [(c, first_line, first_binary, m) for m in mutants for c in cases if c.quick]
+    mock_mutants = () if options.no_mutants else MOCK_MUTANTS
+    runs += [(c, first_line, first_binary, m) for m in mock_mutants for c in cases if c.keys]
 
     began = time.monotonic()
     with ThreadPoolExecutor(options.jobs) as pool:
@@ -836,14 +854,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAIL {outcome.case} [{outcome.line}]: {outcome.detail}")
     for (name, note), seen_on in observed.items():
         print(f"  {name} [{', '.join(seen_on)}]: {note}")
-    for mutant in mutants:
+    for mutant in (*mutants, *mock_mutants):
         caught = [o for o in outcomes if o.mutant == mutant and not o.passed]
         if caught:
             names = ", ".join(f"{o.case} ({o.detail[:90]})" for o in caught)
             print(f"mutant {mutant}: caught by {names}")
         else:
             ok = False
-            print(f"FAIL mutant {mutant}: every quick case passed against a broken plugin")
+            broken = "mock" if mutant in mock_mutants else "plugin"
+            print(f"FAIL mutant {mutant}: every case it ran passed against a broken {broken}")
     print(f"{'passed' if ok else 'FAILED'} in {time.monotonic() - began:.0f} s")
     return 0 if ok else 1
 
