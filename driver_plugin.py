@@ -1313,15 +1313,22 @@ class Upstream:
             _untimed(connection)
         connection.request("POST", self.path, body, dict(headers))
         answer = connection.getresponse()
-        fields = answer.headers
-        lengths = set(fields.get_all("content-length", []))
-        coding = fields.get("transfer-encoding")
+        lengths: set[str] = set()
+        coding: str | None = None
+        kept = {"content-type": "", "location": ""}
+        for name, value in answer.getheaders():  # one pass: each lookup walks them all
+            lower = name.lower()
+            if lower == "content-length":
+                lengths.add(value)
+            elif lower == "transfer-encoding":
+                coding = value
+            elif lower in kept and not kept[lower]:
+                kept[lower] = value
         if len(lengths) > 1 or (coding is not None and (lengths or coding.lower() != "chunked")):
             raise http.client.HTTPException("framed two ways, or with an unknown coding")
         if lengths and not all(value.isascii() and value.isdigit() for value in lengths):
             raise http.client.HTTPException("Content-Length is not a number")
         declared = int(lengths.pop()) if lengths else None
-        kept = {name: fields.get(name, "") for name in ("content-type", "location")}
         too_large = f"driver server answer is larger than --max-body ({format_size(self.limit)})"
         if declared is not None and declared > self.limit:
             return UpstreamResponse(answer.status, answer.reason, problem=too_large), False
@@ -1921,7 +1928,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         # A call that will be refused (no token, too large, no length) gets no 100 Continue:
         # the refusal comes before the client sends its body.
-        if self.command == "POST" and self._refusal() is not None:
+        if self.command == "POST" and isinstance(self._admit(), Reply):
             return True
         return super().handle_expect_100()
 
@@ -2019,12 +2026,12 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "")
         return "Transfer-Encoding" in self.headers or length not in ("", "0")
 
-    def _declared_length(self) -> int | Reply:
-        if "Transfer-Encoding" in self.headers:
+    def _declared_length(self, values: list[str], chunked: bool) -> int | Reply:
+        """The body's length from its ``Content-Length`` values, or the refusal."""
+        if chunked:
             return Reply.text(
                 411, "send the body with Content-Length, not chunked", Outcome.NO_LENGTH, True
             )
-        values = self.headers.get_all("Content-Length", [])
         if not values:
             return Reply.text(411, "Content-Length is required", Outcome.NO_LENGTH, close=True)
         raw, limit = values[0].strip(), self.server.settings.max_body
@@ -2037,17 +2044,29 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
 
     # Routes ##################################################################
 
-    def _refusal(self) -> Reply | None:
-        """The reply to a call refused before its body is read; None if it may go on."""
+    def _admit(self) -> int | Reply:
+        """A call's body length if it may go on, else the reply refusing it before its body
+        is read (draining, no length or too long, not the agent's token)."""
         server = self.server
         if server.draining:
             return Reply.text(
                 503, "driver-plugin is shutting down; ask again", Outcome.DRAINING, True
             )
-        length = self._declared_length()
+        lengths: list[str] = []
+        authorizations: list[str] = []
+        chunked = False
+        for name, value in self.headers.items():  # one pass: each lookup walks them all
+            lower = name.lower()
+            if lower == "content-length":
+                lengths.append(value)
+            elif lower == "authorization":
+                authorizations.append(value)
+            elif lower == "transfer-encoding":
+                chunked = True
+        length = self._declared_length(lengths, chunked)
         if isinstance(length, Reply):
             return length
-        if len(self.headers.get_all("Authorization", [])) > 1:
+        if len(authorizations) > 1:
             # Proxies disagree on which one counts: fail closed rather than pick one.
             message = "more than one Authorization header: ambiguous, refused"
             return Reply.text(400, message, Outcome.BAD_REQUEST, close=True)
@@ -2055,15 +2074,14 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
             token = server.agent_token.read()
         except SecretUnavailable as error:
             return Reply.text(503, token_problem(error), Outcome.TOKEN_UNAVAILABLE, close=True)
-        if not bearer_matches(self.headers.get("Authorization"), token):
+        if not bearer_matches(authorizations[0] if authorizations else None, token):
             return Reply.text(403, "forbidden", Outcome.UNAUTHORIZED, close=True)
-        return None
+        return length
 
     def _execute(self) -> Reply | None:
-        refusal = self._refusal()
-        if refusal is not None:
-            return refusal
-        length = int(self.headers["Content-Length"])
+        length = self._admit()
+        if isinstance(length, Reply):
+            return length
         relay = self.server.relay
         held = relay.reserve(length, self.began + self.server.settings.reply_deadline)
         if held is None:
