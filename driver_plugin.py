@@ -1064,7 +1064,9 @@ class Watchdog:
     """One thread for every deadline: a call pays two dict operations, not a timer.
 
     Deadlines are kept from outside the read loops: a peer that trickles bytes, or sends
-    ``100 Continue`` for ever, resets every per-read timeout but not this one.
+    ``100 Continue`` for ever, resets every per-read timeout but not this one. ``expire()``
+    runs in the watchdog's thread with its lock held, so it must be short; once ``forget()``
+    returns, the item's ``expire()`` has run or never will.
     """
 
     #: Seconds between looks; anything lives at most this much past its deadline.
@@ -1278,29 +1280,25 @@ class Upstream:
             connection, reused = self._connection(deadline)
             exchange = _Exchange(connection)
             self.watchdog.watch(exchange, deadline)
+            failure: OSError | http.client.HTTPException | None = None
             try:
                 response, reusable = self._ask(connection, body, headers)
-            except OSError as error:  # refused, reset, timed out, TLS; RemoteDisconnected too
-                connection.close()
-                if exchange.expired:
-                    raise UpstreamUnavailable(self.timed_out) from None
-                if reused and not isinstance(error, TimeoutError | ssl.SSLError):
-                    continue
-                raise UpstreamUnavailable(describe_transport_error(error, self.netloc)) from None
-            except http.client.HTTPException as error:  # began an answer, and broke it
-                connection.close()
-                if exchange.expired:
-                    raise UpstreamUnavailable(self.timed_out) from None
-                return UpstreamResponse(problem=describe_transport_error(error, self.netloc))
+            except (OSError, http.client.HTTPException) as error:
+                failure, reusable = error, False
             finally:
                 self.watchdog.forget(exchange)
-            if exchange.expired:  # the cut can read as a clean end of the answer
+            if not reusable:
                 connection.close()
+            if exchange.expired:  # whatever the cut read as, a clean end of the answer included
                 raise UpstreamUnavailable(self.timed_out)
+            if isinstance(failure, OSError):  # refused, reset, timed out, TLS; RemoteDisconnected
+                if reused and not isinstance(failure, TimeoutError | ssl.SSLError):
+                    continue  # a kept connection the server had closed: nothing reached it
+                raise UpstreamUnavailable(describe_transport_error(failure, self.netloc))
+            if failure is not None:  # it began an answer, and broke it: not HTTP
+                return UpstreamResponse(problem=describe_transport_error(failure, self.netloc))
             if reusable:
                 self._keep(connection)
-            else:
-                connection.close()
             return response.redacted(secret) if secret else response
         raise UpstreamUnavailable(f"driver server at {self.netloc} keeps closing connections")
 
@@ -1899,8 +1897,7 @@ class AgentRequestHandler(BaseHTTPRequestHandler):
 
     def expire(self) -> None:
         """The watchdog's verdict: the request is too slow. Unblocks the read and drops it."""
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)
+        _cut(self.connection)
 
     def parse_request(self) -> bool:
         """http.server's own parsing, with the head's bytes bounded as a whole.
