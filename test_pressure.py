@@ -842,6 +842,7 @@ class ProcessLog:
 
     def __init__(self, process: subprocess.Popen[str]) -> None:
         assert process.stderr is not None
+        self.process = process
         self.stream = process.stderr
         self.lines: list[str] = []
         self.listening = threading.Event()
@@ -880,13 +881,9 @@ def gauge(port: int, name: str) -> float:
     return float(match.group(1))
 
 
-def test_sigterm_under_load_answers_every_call_in_flight_and_exits_0(
-    driver: FakeDriver, token_file: Path, tmp_path: Path
-) -> None:
-    gate = threading.Event()
-    driver.script = lambda body: Answer(body=succeeded_with(task_of(body)), gate=gate)
-    bodies = [task_call(f"term-{number}") for number in range(16)]
-    calls = bodies + bodies[:4]  # four join a call already in flight
+def plugin_process(driver: FakeDriver, token_file: Path, tmp_path: Path) -> ProcessLog:
+    """driver_plugin.py as the image runs it, on a free loopback port; every call owned for
+    25 s, however slow the machine."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -896,13 +893,25 @@ def test_sigterm_under_load_answers_every_call_in_flight_and_exits_0(
             f"--upstream={driver.url}",
             f"--token-file={token_file}",
             f"--sa-token-file={tmp_path / 'no-sa-token'}",
-            "--reply-deadline=25s",  # every call stays owned, however slow the machine
+            "--reply-deadline=25s",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "MALLOC_ARENA_MAX": "2"},
     )
-    log = ProcessLog(process)
+    return ProcessLog(process)
+
+
+def test_sigterm_under_load_answers_every_call_in_flight_and_exits_0(
+    driver: FakeDriver, token_file: Path, tmp_path: Path
+) -> None:
+    gate = threading.Event()
+    driver.script = lambda body: Answer(body=succeeded_with(task_of(body)), gate=gate)
+    bodies = [task_call(f"term-{number}") for number in range(16)]
+    calls = bodies + bodies[:4]  # four join a call already in flight
+    log = plugin_process(driver, token_file, tmp_path)
+    process = log.process
     views: dict[int, AgentView] = {}
     errors: list[BaseException] = []
     callers: list[threading.Thread] = []
@@ -1545,23 +1554,8 @@ def test_the_worst_accepted_inputs_16_at_a_time_stay_inside_the_memory_limit(
     driver: FakeDriver, token_file: Path, tmp_path: Path
 ) -> None:
     limit = dp.Settings().max_body
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(PLUGIN_SCRIPT),
-            "--host=127.0.0.1",
-            "--port=0",
-            f"--upstream={driver.url}",
-            f"--token-file={token_file}",
-            f"--sa-token-file={tmp_path / 'no-sa-token'}",
-            "--reply-deadline=25s",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "MALLOC_ARENA_MAX": "2"},  # as the image runs it
-    )
-    log = ProcessLog(process)
+    log = plugin_process(driver, token_file, tmp_path)
+    process = log.process
     try:
         assert log.listening.wait(10), log.lines
         for shape, (opening, piece, closing) in WORST_SHAPES.items():
