@@ -1074,6 +1074,98 @@ def test_a_key_that_is_not_the_bodys_sha256_is_400(
     assert [k for k in doc if "/" in k] == [] and doc["_keys"] == {}  # not executed
 
 
+# The parent_task_id dialect (KFP master after #13986) ####
+
+
+def new_body(driver_type: str, **options: Any) -> bytes:
+    return mds.agent_body(driver_type, dialect="parent_task_id", **options)
+
+
+def test_parent_task_id_dialect_body_speaks_it() -> None:
+    dag = json.loads(new_body("DAG"))["template"]
+    args = dag["plugin"]["driver-plugin"]["args"]
+    assert args["parent_task_id"] == mds.DEFAULT_PARENT_TASK_ID
+    assert args["namespace"] == mds.DEFAULT_NAMESPACE
+    assert args["parent_task_id_path"] == "{{outputs.parameters.task-id.path}}"
+    gone = {"dag_execution_id", "execution_id_path", "component", "task", "mlmd_server_address"}
+    assert not gone & set(args)
+    assert dag["outputs"]["parameters"][0]["name"] == "task-id"
+    root = json.loads(new_body("ROOT_DAG"))["template"]["plugin"]["driver-plugin"]["args"]
+    assert root["parent_task_id"] == ""
+    container = json.loads(new_body("CONTAINER"))["template"]["plugin"]["driver-plugin"]["args"]
+    assert "container" not in container and "parent_task_id_path" not in container
+
+
+def test_parent_task_id_dialect_answers_task_ids(server: mds.MockDriverServer) -> None:
+    root = execute(server, new_body("ROOT_DAG"))
+    assert root.names() == ["task-id", "iteration-count", "condition", "pod-spec-patch"]
+    root_id = root.params()["task-id"]
+    assert execute(server, new_body("ROOT_DAG")).params()["task-id"] == root_id  # same run
+    dag = execute(server, new_body("DAG", parent_task_id=root_id))
+    assert dag.json()["node"]["phase"] == "Succeeded"
+    assert dag.names()[0] == "task-id"
+    assert "execution-id" not in dag.names()
+    assert dag.params()["task-id"] not in ("", root_id)
+    container = execute(server, new_body("CONTAINER", parent_task_id=dag.params()["task-id"]))
+    assert container.names() == ["cached-decision", "condition", "pod-spec-patch"]
+    assert json.loads(container.params()["pod-spec-patch"])["containers"][0]["name"] == "main"
+
+
+def test_the_dialect_comes_from_the_args_not_from_a_setting(server: mds.MockDriverServer) -> None:
+    old = execute(server, mds.agent_body("DAG")).names()
+    assert old[0] == "execution-id" and "task-id" not in old
+    # A parent_task_id that is no integer is fine: it names the dialect, not an MLMD ID.
+    new = execute(server, new_body("DAG", parent_task_id="task-abc")).names()
+    assert new[0] == "task-id" and "execution-id" not in new
+    # #13171's args with a parent_task_id key added are read as the newer dialect.
+    mixed = with_args(mds.agent_body("DAG"), parent_task_id="p-1", namespace=mds.DEFAULT_NAMESPACE)
+    assert execute(server, mixed).names()[0] == "task-id"
+
+
+def test_parent_task_id_dialect_writes_the_id_where_its_path_arg_says(
+    server: mds.MockDriverServer,
+) -> None:
+    tag = "{{outputs.parameters.parent-dag-task-id-path.path}}"
+    reply = execute(server, new_body("DAG", extra_args={"parent_task_id_path": tag}))
+    params = reply.params()
+    assert params["task-id"] == params["parent-dag-task-id-path"] != ""
+
+
+def test_parent_task_id_dialect_reads_a_task_when_sent(server: mds.MockDriverServer) -> None:
+    loop = new_body("DAG", extra_args={"task": json.dumps(mds.LOOP_TASK)})
+    assert execute(server, loop).params()["iteration-count"] == str(len(mds.LOOP_ITEMS))
+    assert execute(server, new_body("DAG")).params()["iteration-count"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("driver_type", "changes", "needle"),
+    [
+        ("ROOT_DAG", {"parent_task_id": "p-1"}, "ROOT_DAG takes no parent"),
+        ("DAG", {"parent_task_id": ""}, "DAG needs a parent_task_id"),
+        ("CONTAINER", {"parent_task_id": " "}, "CONTAINER needs a parent_task_id"),
+        ("DAG", {"parent_task_id": 7}, "not a string"),
+        ("DAG", {"namespace": None}, "namespace is required"),
+        ("DAG", {"namespace": "team-b"}, "'team-b' is not the workflow's"),
+    ],
+)
+def test_parent_task_id_dialect_driver_errors(
+    server: mds.MockDriverServer, driver_type: str, changes: dict[str, object], needle: str
+) -> None:
+    node = execute(server, with_args(new_body(driver_type), **changes)).json()["node"]
+    assert node["phase"] == "Failed"
+    assert needle in node["message"]
+
+
+def test_parent_task_id_dialect_flat_shape(flat_server: mds.MockDriverServer) -> None:
+    flat = execute(flat_server, new_body("DAG")).json()
+    assert set(flat) == {"task-id", "iteration-count"}
+
+
+def test_agent_body_rejects_unknown_dialect() -> None:
+    with pytest.raises(ValueError, match="dialect"):
+        mds.agent_body("DAG", dialect="v3")  # type: ignore[arg-type]
+
+
 # agent_body / foreign_body ####
 
 
