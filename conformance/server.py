@@ -412,7 +412,11 @@ def failure_handed_over_once(world: World) -> None:
         parent=parent_dag(world, plugin),
         task_name="fails-once",
         mock_answers=[
-            {"status": 500, "body": f"driver execution failed: {reason}", "content_type": "text"},
+            {
+                "status": 500,
+                "body": f"driver execution failed: {reason}",
+                "content_type": "text/plain",
+            },
             {"status": 200, "body": {"node": {"phase": "Succeeded", "message": "ran again"}}},
         ],
     )
