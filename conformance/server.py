@@ -587,7 +587,11 @@ def main(argv: list[str] | None = None) -> int:
         if options.prove:
             broken += [how for how in mds.BROKEN_KEYS if how not in broken]
         for how in broken:
-            mock = start_mock(how)
+            try:
+                mock = start_mock(how)
+            except CaseFailed as failure:
+                print(f"FAIL {failure}")
+                return 1
             try:
                 outcomes = run_all(server_at(mock.url, True), cases)
             finally:
