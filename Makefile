@@ -6,7 +6,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 IMAGE  ?= driver-plugin:0.1.0
 
-.PHONY: demo test lint typecheck pytest configmap check-configmap conformance loop image e2e bench clean
+.PHONY: demo test lint typecheck pytest configmap check-configmap conformance server-conformance loop image e2e bench clean
 
 # Go is for the harnesses that run Argo's own code, never for the product.
 GO           ?= go
@@ -72,6 +72,14 @@ bench: $(VENV)/.installed
 conformance: $(AGENTS)
 	$(PYTHON) conformance/suite.py --line argo-$(ARGO_VERSION)=$(BUILD)/conformance/agent-v4 \
 	    --line argo-$(ARGO_V3_VERSION)=$(BUILD)/conformance/agent-v3
+
+## server-conformance: a kfp-driver-server checked against docs/driver-server-contract.md through the
+## real plugin. UPSTREAM=<url> checks that server (SERVER_FLAGS adds e.g. --sa-token FILE
+## --foreign-namespace NS, --ca-file FILE, --mock-knobs); without it the mock must pass and each mock
+## that breaks the key contract (mock_driver_server.py --break-keys) must fail a case. Python only.
+SERVER_FLAGS ?=
+server-conformance:
+	$(PYTHON) -m conformance.server $(if $(UPSTREAM),--upstream $(UPSTREAM),--prove) $(SERVER_FLAGS)
 
 $(BUILD)/conformance/agent-%: conformance/agent.go conformance/agent-%/argo.go conformance/agent-%/go.mod conformance/agent-%/go.sum
 	@$(GO_PREFLIGHT)

@@ -11,6 +11,15 @@ Contract (docs/CONTRACT.md, "mock_driver_server.py"):
   and answers as KFP's driver would for ``args.type`` ``ROOT_DAG``, ``DAG`` or ``CONTAINER``.
   Argument values may be strings, numbers or booleans; unknown keys and the ``*_path`` keys are
   ignored; ``run_id`` falls back to ``workflow.metadata.uid``.
+* Two argument dialects, told apart by the args as KFP's driver would: #13171's
+  (``dag_execution_id``, an integer; DAG drivers output ``execution-id``, and CONTAINER ones
+  too) and, when the args have a ``parent_task_id`` key, KFP master's after #13986 (the #13171
+  author's fork speaks it too): ``parent_task_id`` a string (empty for ROOT_DAG), ``namespace``
+  required and equal to ``workflow.metadata.namespace``, and the DAG drivers' ID, a UUID-shaped
+  string, goes out as ``task-id`` (and also under the output ``parent_task_id_path`` names,
+  ``{{outputs.parameters.<name>.path}}``, if that is another name); CONTAINER drivers output
+  no ID. That dialect sends no ``component``/``task``/``container``; the mock reads them when
+  present, and without them a DAG counts ``"0"`` iterations and every condition is ``"nil"``.
 * Reply shape ``node`` (default; the in-sidecar KFP server of PR #13171): ``200
   {"node":{"phase":"Succeeded","message":"","outputs":{"parameters":[{"name":..,"value":..}]}}}``
   with ``execution-id`` (when not 0), ``iteration-count`` (DAG types), ``cached-decision``
@@ -66,9 +75,10 @@ Contract (docs/CONTRACT.md, "mock_driver_server.py"):
 
 How outputs are computed (deterministic for a given sequence of calls in one process):
 
-* ``execution-id``: ROOT_DAG gets one ID per ``run_id`` (a retry returns the same ID, as KFP's
-  ``run/<run_id>`` execution does); every DAG and CONTAINER call takes the next value of a
-  process-wide counter that starts at 1 and is shared with the root IDs.
+* ``execution-id`` (``task-id``): ROOT_DAG gets one ID per ``run_id`` (a retry returns the same
+  ID, as KFP's ``run/<run_id>`` execution does); every DAG and CONTAINER call takes the next value
+  of a process-wide counter that starts at 1 and is shared with the root IDs (a ``task-id`` is
+  that number as a UUID: ``00000000-0000-0000-0000-000000000007``).
 * ``iteration-count``: DAG with ``iteration_index < 0`` and a task ``parameterIterator`` whose
   ``items.raw`` is a JSON list (or whose ``items.inputParameter`` names a task input with a
   constant list): the item count; otherwise ``"0"``. ROOT_DAG always ``"0"``.
@@ -87,9 +97,12 @@ How outputs are computed (deterministic for a given sequence of calls in one pro
   ``container`` arg (image default ``busybox``; without a command ``sh -c "echo ok"``); ``""`` on
   a cache hit or a false condition.
 * Driver errors (KFP would exit non-zero): unknown ``type``; missing ``run_id``; a non-integer
-  index or parent ID; ``task``/``component``/``container`` that are not JSON objects; ROOT_DAG
-  with a ``task``, a non-zero ``dag_execution_id`` or ``iteration_index >= 0``; DAG/CONTAINER
-  without a positive ``dag_execution_id``; an unparsable ``parameterIterator`` list.
+  index or ``dag_execution_id``, a ``parent_task_id`` that is not a string;
+  ``task``/``component``/``container`` that are not JSON objects; ROOT_DAG with a ``task``, a
+  non-zero ``dag_execution_id``, a non-empty ``parent_task_id`` or ``iteration_index >= 0``;
+  DAG/CONTAINER without a positive ``dag_execution_id`` or a non-empty ``parent_task_id``; in the
+  parent_task_id dialect a missing ``namespace`` or one that is not the workflow's; an
+  unparsable ``parameterIterator`` list.
 
 Logging: one JSON line per request on stderr (method, path, status, call key, for a keyed call
 ``served``: executed/joined/replayed, milliseconds). Bodies, tokens and Idempotency-Keys are
@@ -113,6 +126,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -130,6 +144,9 @@ DRIVER_TYPES: Final = ("ROOT_DAG", "DAG", "CONTAINER")
 
 Shape = Literal["node", "flat"]
 SHAPES: Final[tuple[Shape, ...]] = ("node", "flat")
+# KFP's two driver-argument dialects, each named by the argument that tells them apart.
+Dialect = Literal["dag_execution_id", "parent_task_id"]
+DIALECTS: Final[tuple[Dialect, ...]] = ("dag_execution_id", "parent_task_id")
 
 # Route -> the one method it answers.
 _ROUTES: Final[dict[str, str]] = {EXECUTE_PATH: "POST", "/healthz": "GET", "/calls": "GET"}
@@ -292,6 +309,13 @@ class AgentCall:
     @property
     def run_id(self) -> str:
         return _text(self.args.get("run_id")).strip() or self.uid
+
+    @property
+    def dialect(self) -> Dialect:
+        """Which KFP argument dialect the args speak, from the args themselves as KFP's driver
+        reads them: ``parent_task_id`` (KFP master after #13986) when that key is present, else
+        ``dag_execution_id`` (#13171's compiler)."""
+        return "parent_task_id" if "parent_task_id" in self.args else "dag_execution_id"
 
     @property
     def key(self) -> str:
@@ -652,12 +676,15 @@ class DriverOutputs:
     cached_decision: str | None  # CONTAINER, only when the task runs
     condition: str  # "true" / "false" / "nil"
     pod_spec_patch: str  # "" when there is none
+    # The output names the ID goes out under: ``execution-id`` (#13171's dialect), ``task-id``
+    # (the parent_task_id dialect's DAG drivers, plus the name its parent_task_id_path names).
+    id_names: tuple[str, ...] = ("execution-id",)
 
     def parameters(self) -> list[NodeParameter]:
         """The node-shape parameters, in the order PR #13171's server emits them."""
         params: list[NodeParameter] = []
         if self.execution_id not in ("", "0"):
-            params.append({"name": "execution-id", "value": self.execution_id})
+            params += [{"name": name, "value": self.execution_id} for name in self.id_names]
         if self.iteration_count is not None:
             params.append({"name": "iteration-count", "value": self.iteration_count})
         if self.cached_decision is not None:
@@ -781,6 +808,25 @@ def pod_spec_patch(container: Mapping[str, object]) -> str:
     return json.dumps({"containers": [main]}, separators=(",", ":"))
 
 
+_OUTPUT_PATH_TAG = re.compile(r"\{\{outputs\.parameters\.([^{}]+)\.path\}\}")
+
+
+def _task_id(number: int) -> str:
+    """A parent_task_id-dialect task ID: a string (KFP's are UUIDs), deterministic per number."""
+    return str(uuid.UUID(int=number))
+
+
+def _task_id_outputs(args: Mapping[str, object]) -> tuple[str, ...]:
+    """The outputs a parent_task_id-dialect DAG driver writes its task ID to: ``task-id``, and
+    the output its ``parent_task_id_path`` names (``{{outputs.parameters.<name>.path}}``, the
+    compiler's parent-dag-task-id-path) when that is another name."""
+    names = ["task-id"]
+    tag = _OUTPUT_PATH_TAG.fullmatch(_text(args.get("parent_task_id_path")).strip())
+    if tag is not None and tag.group(1) not in names:
+        names.append(tag.group(1))
+    return tuple(names)
+
+
 def _caching_enabled(task: Mapping[str, object]) -> bool:
     return _get_dict(task, "cachingOptions").get("enableCache") is True
 
@@ -837,11 +883,17 @@ class MockDriver:
         doc.update(self.keys.snapshot())
         return doc
 
-    def _new_id(self) -> int:
+    def _new_id(self) -> str:
         with self._lock:
             value = self._next_id
             self._next_id += 1
-            return value
+            return str(value)
+
+    def _new_task_id(self) -> str:
+        with self._lock:
+            value = self._next_id
+            self._next_id += 1
+        return _task_id(value)
 
     def _root_id(self, run_id: str) -> int:
         with self._lock:
@@ -867,30 +919,48 @@ class MockDriver:
         if not run_id:
             raise DriverError("argument run_id is required")
         index = _as_int(args.get("iteration_index"), "iteration_index", -1)
-        parent = _as_int(args.get("dag_execution_id"), "dag_execution_id", 0)
         task = _json_object(args.get("task"), "task")
         component = _json_object(args.get("component"), "component")
+        dialect = call.dialect
+        has_parent = self._check_parent(call)
+        # The ID a DAG driver hands its children, and the output names it goes out under.
+        dag_ids: tuple[str, ...] = ("execution-id",)
+        new_id = self._new_id
+        if dialect == "parent_task_id":
+            dag_ids = _task_id_outputs(args)
+            new_id = self._new_task_id
 
         if driver_type == "ROOT_DAG":
             if task:
                 raise DriverError("ROOT_DAG does not take a task")
-            if parent != 0:
-                raise DriverError(f"ROOT_DAG takes dag_execution_id 0, got {parent}")
+            if has_parent:
+                wanted = "dag_execution_id 0" if dialect == "dag_execution_id" else "no parent"
+                raise DriverError(f"ROOT_DAG takes {wanted}, got {_short(args.get(dialect))}")
             if index >= 0:
                 raise DriverError(f"ROOT_DAG takes no iteration_index, got {index}")
-            return DriverOutputs(str(self._root_id(run_id)), "0", None, "nil", "")
+            root = self._root_id(run_id)
+            root_id = str(root) if dialect == "dag_execution_id" else _task_id(root)
+            return DriverOutputs(root_id, "0", None, "nil", "", dag_ids)
 
-        if parent <= 0:
-            raise DriverError(f"{driver_type} needs a positive dag_execution_id, got {parent}")
+        if dialect == "dag_execution_id":
+            parent = _as_int(args.get("dag_execution_id"), "dag_execution_id", 0)
+            has_parent = parent > 0
+        if not has_parent:
+            got = _short(args.get(dialect))
+            if dialect == "dag_execution_id":
+                raise DriverError(f"{driver_type} needs a positive dag_execution_id, got {got}")
+            raise DriverError(f"{driver_type} needs a parent_task_id, got {got!r}")
         condition = evaluate_condition(task)
         if driver_type == "DAG":
             count = "0" if condition == "false" else iteration_count(task, index)
-            return DriverOutputs(str(self._new_id()), count, None, condition, "")
+            return DriverOutputs(new_id(), count, None, condition, "", dag_ids)
 
         container = _json_object(args.get("container"), "container")
-        execution_id = str(self._new_id())
+        # #13171's container driver reports its execution too; the parent_task_id one does not.
+        container_ids = ("execution-id",) if dialect == "dag_execution_id" else ()
+        execution_id = new_id()
         if condition == "false":
-            return DriverOutputs(execution_id, None, None, condition, "")
+            return DriverOutputs(execution_id, None, None, condition, "", container_ids)
         cacheable = _caching_enabled(task) and not _as_bool(
             args.get("cache_disabled"), "cache_disabled"
         )
@@ -909,8 +979,29 @@ class MockDriver:
             ).encode()
         ).hexdigest()
         if cacheable and self._cache_lookup(fingerprint):
-            return DriverOutputs(execution_id, None, "true", condition, "")
-        return DriverOutputs(execution_id, None, "false", condition, pod_spec_patch(container))
+            return DriverOutputs(execution_id, None, "true", condition, "", container_ids)
+        patch = pod_spec_patch(container)
+        return DriverOutputs(execution_id, None, "false", condition, patch, container_ids)
+
+    @staticmethod
+    def _check_parent(call: AgentCall) -> bool:
+        """Whether the call names a parent DAG (#13171's: any dag_execution_id but 0, which only
+        a positive one is); DriverError for a parent that is not one, and for a namespace the
+        parent_task_id dialect needs and does not match."""
+        args = call.args
+        if call.dialect == "dag_execution_id":
+            return _as_int(args.get("dag_execution_id"), "dag_execution_id", 0) != 0
+        raw = args.get("parent_task_id")
+        if raw is not None and not isinstance(raw, str):
+            raise DriverError(f"invalid parent_task_id {_short(raw)!r}: not a string")
+        namespace = _text(args.get("namespace")).strip()
+        if not namespace:
+            raise DriverError("argument namespace is required")
+        if call.namespace and namespace != call.namespace:
+            raise DriverError(
+                f"namespace {_short(namespace)!r} is not the workflow's {_short(call.namespace)!r}"
+            )
+        return bool((raw or "").strip())
 
 
 # Server ####
@@ -1206,6 +1297,7 @@ DEFAULT_NAMESPACE: Final = "kubeflow-user-example-com"
 DEFAULT_UID: Final = "3f6c0d2e-7b1a-4c55-9a7e-2b8d1f0c9e41"
 DEFAULT_CREATION_TIMESTAMP: Final = "2026-08-21T10:15:30Z"
 PIPELINE_NAME: Final = "hello-world"
+DEFAULT_PARENT_TASK_ID: Final = "5b0d7c1e-2f4a-4e8b-9c3d-6a1f0e2b7c94"
 
 HELLO_ROOT_COMPONENT: Final[dict[str, object]] = {
     "dag": {
@@ -1362,6 +1454,8 @@ def agent_body(
     runtime_config: JSONSource | None = None,
     kubernetes_config: JSONSource = "",
     extra_args: Mapping[str, object] | None = None,
+    dialect: Dialect = "dag_execution_id",
+    parent_task_id: str | None = None,
 ) -> bytes:
     """The exact body the Argo agent POSTs to a plugin for one KFP driver task.
 
@@ -1371,7 +1465,17 @@ def agent_body(
     and ``1`` otherwise. Mappings passed as component/task/container/runtime_config become compact
     JSON text, as KFP's compiler emits them. ``extra_args`` is merged into the plugin args last; a
     ``None`` value removes that key. Deterministic: equal arguments give equal bytes.
+
+    ``dialect`` ``parent_task_id`` gives the args of KFP master after #13986 (the #13171 author's
+    fork speaks it too): ``parent_task_id`` (a string, ``parent_task_id`` defaults to ``""`` for
+    ROOT_DAG and to a task ID otherwise) instead of ``dag_execution_id``, ``namespace``, the
+    DAG drivers' ``parent_task_id_path`` and output ``task-id`` instead of ``execution_id_path``
+    and ``execution-id``; no ``component``, ``task``, ``container``, MLMD or creation-time args
+    (that driver reads the spec from KFP's API server), so pass them in ``extra_args`` to have
+    the mock count iterations or evaluate a condition.
     """
+    if dialect not in DIALECTS:
+        raise ValueError(f"dialect must be one of {', '.join(DIALECTS)}")
     if driver_type not in DRIVER_TYPES:
         raise ValueError(f"driver_type must be one of {', '.join(DRIVER_TYPES)}")
     is_root = driver_type == "ROOT_DAG"
@@ -1464,6 +1568,30 @@ def agent_body(
             _output("iteration-count", "0"),
             _output("condition", "true"),
         ]
+    if dialect == "parent_task_id":
+        for dropped in (
+            "dag_execution_id",
+            "component",
+            "task",
+            "container",
+            "mlmd_server_address",
+            "mlmd_server_port",
+            "metadata_tls_enabled",
+            "pipeline_job_create_time_utc",
+        ):
+            args.pop(dropped, None)
+        if parent_task_id is None:
+            parent_task_id = "" if is_root else DEFAULT_PARENT_TASK_ID
+        args["parent_task_id"] = parent_task_id
+        args["namespace"] = namespace
+        if "execution_id_path" in args:
+            del args["execution_id_path"]
+            args["parent_task_id_path"] = _path_tag("task-id")
+            outputs[0] = _output("task-id", None)
+        for param in inputs:
+            if param["name"] == "parent-dag-id":
+                param["value"] = parent_task_id
+                param.pop("default", None)
     for key, value in (extra_args or {}).items():
         if value is None:
             args.pop(key, None)

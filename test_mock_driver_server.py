@@ -1074,6 +1074,227 @@ def test_a_key_that_is_not_the_bodys_sha256_is_400(
     assert [k for k in doc if "/" in k] == [] and doc["_keys"] == {}  # not executed
 
 
+# The parent_task_id dialect (KFP master after #13986) ####
+
+
+def new_body(driver_type: str, **options: Any) -> bytes:
+    return mds.agent_body(driver_type, dialect="parent_task_id", **options)
+
+
+def test_parent_task_id_dialect_body_speaks_it() -> None:
+    dag = json.loads(new_body("DAG"))["template"]
+    args = dag["plugin"]["driver-plugin"]["args"]
+    assert args["parent_task_id"] == mds.DEFAULT_PARENT_TASK_ID
+    assert args["namespace"] == mds.DEFAULT_NAMESPACE
+    assert args["parent_task_id_path"] == "{{outputs.parameters.task-id.path}}"
+    gone = {"dag_execution_id", "execution_id_path", "component", "task", "mlmd_server_address"}
+    assert not gone & set(args)
+    assert dag["outputs"]["parameters"][0]["name"] == "task-id"
+    root = json.loads(new_body("ROOT_DAG"))["template"]["plugin"]["driver-plugin"]["args"]
+    assert root["parent_task_id"] == ""
+    container = json.loads(new_body("CONTAINER"))["template"]["plugin"]["driver-plugin"]["args"]
+    assert "container" not in container and "parent_task_id_path" not in container
+
+
+def test_parent_task_id_dialect_answers_task_ids(server: mds.MockDriverServer) -> None:
+    root = execute(server, new_body("ROOT_DAG"))
+    assert root.names() == ["task-id", "iteration-count", "condition", "pod-spec-patch"]
+    root_id = root.params()["task-id"]
+    assert execute(server, new_body("ROOT_DAG")).params()["task-id"] == root_id  # same run
+    dag = execute(server, new_body("DAG", parent_task_id=root_id))
+    assert dag.json()["node"]["phase"] == "Succeeded"
+    assert dag.names()[0] == "task-id"
+    assert "execution-id" not in dag.names()
+    assert dag.params()["task-id"] not in ("", root_id)
+    container = execute(server, new_body("CONTAINER", parent_task_id=dag.params()["task-id"]))
+    assert container.names() == ["cached-decision", "condition", "pod-spec-patch"]
+    assert json.loads(container.params()["pod-spec-patch"])["containers"][0]["name"] == "main"
+
+
+def test_the_dialect_comes_from_the_args_not_from_a_setting(server: mds.MockDriverServer) -> None:
+    old = execute(server, mds.agent_body("DAG")).names()
+    assert old[0] == "execution-id" and "task-id" not in old
+    # A parent_task_id that is no integer is fine: it names the dialect, not an MLMD ID.
+    new = execute(server, new_body("DAG", parent_task_id="task-abc")).names()
+    assert new[0] == "task-id" and "execution-id" not in new
+    # #13171's args with a parent_task_id key added are read as the newer dialect.
+    mixed = with_args(mds.agent_body("DAG"), parent_task_id="p-1", namespace=mds.DEFAULT_NAMESPACE)
+    assert execute(server, mixed).names()[0] == "task-id"
+
+
+def test_parent_task_id_dialect_writes_the_id_where_its_path_arg_says(
+    server: mds.MockDriverServer,
+) -> None:
+    tag = "{{outputs.parameters.parent-dag-task-id-path.path}}"
+    reply = execute(server, new_body("DAG", extra_args={"parent_task_id_path": tag}))
+    params = reply.params()
+    assert params["task-id"] == params["parent-dag-task-id-path"] != ""
+
+
+def test_parent_task_id_dialect_reads_a_task_when_sent(server: mds.MockDriverServer) -> None:
+    loop = new_body("DAG", extra_args={"task": json.dumps(mds.LOOP_TASK)})
+    assert execute(server, loop).params()["iteration-count"] == str(len(mds.LOOP_ITEMS))
+    assert execute(server, new_body("DAG")).params()["iteration-count"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("driver_type", "changes", "needle"),
+    [
+        ("ROOT_DAG", {"parent_task_id": "p-1"}, "ROOT_DAG takes no parent"),
+        ("DAG", {"parent_task_id": ""}, "DAG needs a parent_task_id"),
+        ("CONTAINER", {"parent_task_id": " "}, "CONTAINER needs a parent_task_id"),
+        ("DAG", {"parent_task_id": 7}, "not a string"),
+        ("DAG", {"namespace": None}, "namespace is required"),
+        ("DAG", {"namespace": "team-b"}, "'team-b' is not the workflow's"),
+    ],
+)
+def test_parent_task_id_dialect_driver_errors(
+    server: mds.MockDriverServer, driver_type: str, changes: dict[str, object], needle: str
+) -> None:
+    node = execute(server, with_args(new_body(driver_type), **changes)).json()["node"]
+    assert node["phase"] == "Failed"
+    assert needle in node["message"]
+
+
+def test_parent_task_id_dialect_flat_shape(flat_server: mds.MockDriverServer) -> None:
+    flat = execute(flat_server, new_body("DAG")).json()
+    assert set(flat) == {"task-id", "iteration-count"}
+
+
+def test_agent_body_rejects_unknown_dialect() -> None:
+    with pytest.raises(ValueError, match="dialect"):
+        mds.agent_body("DAG", dialect="v3")  # type: ignore[arg-type]
+
+
+# KFP's own compiled workflows (#13171's dialect) ####
+# ../shared/kfp/compiled-workflows/ (beside the repository, never copied into it) holds the 146
+# workflows KFP's compiler wrote in plugin mode. Each driver call in them is rebuilt as Argo sends
+# it, after substitution, and the mock must answer every output the template declares.
+
+KFP_WORKFLOWS = HERE.parent / "shared" / "kfp" / "compiled-workflows"
+_TAG = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+CORPUS_UID = "9b2f4c1e-6d3a-4f7b-8e21-0c5d9a7b3f60"
+CORPUS_PARENT = "7"  # a parent DAG's execution ID: any positive integer
+
+
+def substitute(text: str, values: Mapping[str, str]) -> str:
+    """Argo's ``{{name}}`` substitution; tags it does not know stay as they are."""
+    return _TAG.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def unresolved(text: str) -> list[str]:
+    """Tags left after substitution other than those Argo leaves in a plugin's args too:
+    ``{{outputs.parameters.<name>.path}}`` and KFP's own ``{{$...}}`` placeholders."""
+    return [
+        m.group(0)
+        for m in _TAG.finditer(text)
+        if not m.group(1).startswith("$")
+        and not re.fullmatch(r"outputs\.parameters\.[^.]+\.path", m.group(1))
+    ]
+
+
+def corpus_calls(workflow: Mapping[str, Any]) -> Iterator[tuple[str, str, bytes]]:
+    """(template, call site, agent body) for every call of a plugin template in the workflow."""
+    spec = workflow["spec"]
+    name = workflow["metadata"].get("name") or workflow["metadata"]["generateName"] + "x7k2p"
+    arguments = spec.get("arguments", {}).get("parameters", [])
+    site_values = {f"workflow.parameters.{p['name']}": str(p["value"]) for p in arguments}
+    site_values["inputs.parameters.parent-dag-id"] = CORPUS_PARENT
+    site_values["inputs.parameters.iteration-index"] = "-1"
+    workflow_values = {
+        "workflow.uid": CORPUS_UID,
+        "workflow.name": name,
+        "workflow.namespace": mds.DEFAULT_NAMESPACE,
+        "workflow.creationTimestamp": mds.DEFAULT_CREATION_TIMESTAMP,
+    }
+    templates = {t["name"]: t for t in spec["templates"]}
+    for caller in spec["templates"]:
+        for task in (caller.get("dag") or {}).get("tasks", []):
+            template = templates.get(task["template"], {})
+            if "plugin" not in template:
+                continue
+            given = {
+                p["name"]: substitute(str(p.get("value", "")), site_values)
+                for p in task.get("arguments", {}).get("parameters", [])
+            }
+            inputs, values = [], dict(workflow_values)
+            for declared in template.get("inputs", {}).get("parameters", []):
+                value = given.get(declared["name"], declared.get("default"))
+                assert value is not None, f"{task['name']}: no value for {declared['name']}"
+                inputs.append({**declared, "value": value})
+                values[f"inputs.parameters.{declared['name']}"] = value
+            args = {
+                key: substitute(value, values) if isinstance(value, str) else value
+                for key, value in template["plugin"][mds.PLUGIN_KEY]["args"].items()
+            }
+            left = [tag for value in args.values() for tag in unresolved(str(value))]
+            assert not left, f"{task['name']}: unsubstituted {left}"
+            body = {
+                "workflow": {
+                    "metadata": {
+                        "name": name,
+                        "namespace": mds.DEFAULT_NAMESPACE,
+                        "uid": CORPUS_UID,
+                    }
+                },
+                "template": {
+                    "name": template["name"],
+                    "inputs": {"parameters": inputs},
+                    "outputs": template.get("outputs", {}),
+                    "metadata": template.get("metadata", {}),
+                    "plugin": {mds.PLUGIN_KEY: {"args": dict(sorted(args.items()))}},
+                },
+            }
+            yield template["name"], task["name"], mds.go_json(body)
+
+
+def missing_outputs(template: Mapping[str, Any], reply: Reply) -> list[str]:
+    """Declared outputs the answer lacks and no declared default covers."""
+    node = reply.json()["node"]
+    answered = {p["name"] for p in node.get("outputs", {}).get("parameters", [])}
+    return [
+        p["name"]
+        for p in template["outputs"].get("parameters", [])
+        if p["name"] not in answered
+        and p.get("default") is None
+        and p.get("valueFrom", {}).get("default") is None
+    ]
+
+
+def test_kfp_compiled_workflows_every_driver_call_answered(server: mds.MockDriverServer) -> None:
+    if not KFP_WORKFLOWS.is_dir():
+        pytest.skip(f"KFP's compiled workflows are not at {KFP_WORKFLOWS} (../shared/kfp)")
+    import yaml
+
+    files = sorted(KFP_WORKFLOWS.glob("*.yaml"))
+    assert files, f"no workflows in {KFP_WORKFLOWS}"
+    templates_seen, calls, problems = 0, 0, []
+    for path in files:
+        for workflow in yaml.safe_load_all(path.read_text()):
+            if not workflow:
+                continue
+            plugin_templates = [t for t in workflow["spec"]["templates"] if "plugin" in t]
+            called: set[str] = set()
+            for template_name, site, body in corpus_calls(workflow):
+                calls += 1
+                called.add(template_name)
+                template = json.loads(body)["template"]
+                reply = execute(server, body)
+                where = f"{path.name} {site} ({template_name})"
+                if reply.status != 200 or reply.json()["node"]["phase"] != "Succeeded":
+                    problems.append(f"{where}: {reply.status} {reply.body[:200]!r}")
+                elif lacking := missing_outputs(template, reply):
+                    problems.append(f"{where}: no {lacking} and no default")
+            never = {t["name"] for t in plugin_templates} - called
+            if never:
+                problems.append(f"{path.name}: plugin templates never called: {sorted(never)}")
+            templates_seen += len(plugin_templates)
+    assert not problems, f"{len(problems)} of {calls} calls: " + "; ".join(problems[:5])
+    # What the corpus is (../shared/kfp/README.md): guard against reading only part of it.
+    assert (len(files), templates_seen) == (146, 292), (len(files), templates_seen)
+    assert calls > templates_seen, calls
+
+
 # agent_body / foreign_body ####
 
 
