@@ -1640,7 +1640,7 @@ def test_upstream_connections_during_and_after_a_16_worker_burst(
 ) -> None:
     gate = threading.Event()
     driver.script = lambda body: Answer(gate=gate)
-    plugin = start(upstream_keepalive=4, upstream_idle_timeout=0.5)
+    plugin = start(upstream_keepalive=4, upstream_idle_timeout=2.0)
     plugin.server.watchdog.interval = 0.05
     port = int(driver.url.rsplit(":", 1)[1])
     views: list[AgentView] = []
@@ -1656,7 +1656,7 @@ def test_upstream_connections_during_and_after_a_16_worker_burst(
         caller.join(10)
     assert [view.phase for view in views] == ["Succeeded"] * 16
     after = connections_to(port)
-    for _ in range(200):  # the watchdog closes idle connections past --upstream-idle-timeout
+    for _ in range(500):  # the watchdog closes idle connections past --upstream-idle-timeout
         if connections_to(port) == 0:
             break
         time.sleep(0.01)  # waiting for the watchdog's next look
