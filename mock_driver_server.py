@@ -1679,7 +1679,11 @@ def main(argv: list[str] | None = None) -> int:
             ns.host, ns.port, ns.shape, log=True, key_ttl=key_ttl, break_keys=ns.break_keys
         )
     except OSError as exc:
-        print(json.dumps({"msg": "cannot listen", "error": str(exc)}), file=sys.stderr)
+        where = f"{ns.host}:{ns.port}"
+        print(
+            json.dumps({"msg": f"cannot listen on {where}", "error": exc.strerror or str(exc)}),
+            file=sys.stderr,
+        )
         return 1
     server.log(
         msg="listening",

@@ -1525,3 +1525,14 @@ def test_main_rejects_bad_shape() -> None:
         check=False,
     )
     assert proc.returncode == 2
+
+
+def test_a_taken_port_is_named_in_the_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert mds.main(["--port", str(port)]) == 1
+    error = json.loads(capsys.readouterr().err)
+    assert error["msg"] == f"cannot listen on 127.0.0.1:{port}"
+    assert error["error"] == "Address already in use"
