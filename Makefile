@@ -6,7 +6,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 IMAGE  ?= driver-plugin:0.1.0
 
-.PHONY: demo test lint typecheck pytest configmap check-configmap conformance loop image e2e bench clean
+.PHONY: demo test lint typecheck pytest configmap check-configmap conformance loop loop-packages image e2e bench clean
 
 # Go is for the harnesses that run Argo's own code, never for the product.
 GO           ?= go
@@ -78,15 +78,29 @@ $(BUILD)/conformance/agent-%: conformance/agent.go conformance/agent-%/argo.go c
 	cd conformance/agent-$* && $(GO) build -trimpath -o $(abspath $@) .
 
 ## loop: KFP-shaped workflows through a real kube-apiserver, Argo's controller and agent, and the
-## plugin, with a pod runner standing in for the kubelet (loop/run.py says what is real; needs Go, root)
+## plugin, beside a real node (kubelet, containerd, runc, CNI bridge); agent pods still run under
+## a pod runner (loop/run.py says what is real; needs Go, root, Debian's packages below)
 LOOP_KUBE := $(BUILD)/loop/kube
 LOOP_LINES := $(ARGO_VERSION) $(ARGO_V3_VERSION)
-loop: $(LOOP_KUBE) $(foreach v,$(LOOP_LINES),$(BUILD)/argo-$(v)/workflow-controller $(BUILD)/argo-$(v)/argoexec)
+LOOP_PACKAGES := containerd runc containernetworking-plugins busybox-static iproute2
+loop: loop-packages $(LOOP_KUBE) $(foreach v,$(LOOP_LINES),$(BUILD)/argo-$(v)/workflow-controller $(BUILD)/argo-$(v)/argoexec)
 	for version in $(LOOP_LINES); do \
 	  $(PYTHON) loop/run.py --kube $(LOOP_KUBE) --argo-bin $(BUILD)/argo-$$version --argo-version $$version --go $(GO) || exit 1; \
 	done
 
-## $(LOOP_KUBE): etcd, kube-apiserver, kube-controller-manager and kubectl in one binary (loop/kube)
+## loop-packages: the node's runtime from Debian bookworm (containerd 1.6.20, runc 1.1.5, CNI
+## plugins 1.1.1, the static busybox the images are made of), installed with apt when missing
+loop-packages:
+	@missing=$$(for p in $(LOOP_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | \
+	  grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  command -v apt-get >/dev/null || { echo "make loop: needs these Debian packages: $$missing" >&2; exit 1; }; \
+	  echo "make loop-packages: apt-get install $$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing >/dev/null; }; \
+	fi
+
+## $(LOOP_KUBE): etcd, kube-apiserver, kube-controller-manager, kubectl and kubelet in one binary (loop/kube)
 $(LOOP_KUBE): loop/kube/go.mod loop/kube/go.sum $(wildcard loop/kube/*.go)
 	@$(GO_PREFLIGHT)
 	cd loop/kube && $(GO) build -trimpath -o $(abspath $@) .

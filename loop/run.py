@@ -13,6 +13,9 @@ What is real (each the released program, built from the Go module proxy, see Mak
 * workflow-controller, run with the command, args and env of the Deployment the manifests
   created, authenticated as its own service account (so Argo's ClusterRole decides what it
   may do);
+* beside them, a real node (loop/node.py): the kubelet from that same release, Debian's
+  containerd and runc, Debian's CNI bridge; it registers as Ready and runs a busybox pod built
+  here (loop/images.py) before the workflows. Agent pods do not run on it yet;
 * inside the agent pod: `argoexec agent init`, `argoexec agent main` (the workflow service
   account's token from its Secret, so the apiserver's RBAC decides what the agent may do) and
   driver_plugin.py; upstream, mock_driver_server.py.
@@ -54,6 +57,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from loop import node as real_node  # noqa: E402
+
 PROFILE = "kubeflow-user-example-com"
 ARGO_NAMESPACE = "argo"
 # The driver Service plugin.yaml names (DRIVER_PLUGIN_UPSTREAM) and where the mock listens.
@@ -276,6 +284,7 @@ class Cluster:
     kube: Path
     workdir: Path
     processes: Processes
+    token_file: Path  # static tokens: the kubelet's node identity
     pki: Path = field(init=False)
     admin: Credentials = field(init=False)
 
@@ -306,7 +315,9 @@ class Cluster:
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
-                "--authorization-mode=RBAC",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                f"--token-auth-file={self.token_file}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
@@ -1074,6 +1085,98 @@ def check_agent_refused(cluster: Cluster, runner: PodRunner) -> tuple[list[str],
     return ([f"the refused agent still drove {executed} calls"] if executed else []), evidence
 
 
+# The node ###################################################################################
+
+BUSYBOX_REPORT = (
+    'echo "uid=$(id -u) gid=$(id -g)'
+    " ip=$(ip -4 -o addr show dev eth0 | awk '{print $4}')"
+    ' memory=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes)" > /dev/termination-log'
+)
+
+
+def check_node(api: Api, node: real_node.Node) -> tuple[list[str], str]:
+    """The real kubelet's node is Ready and runs one busybox pod to completion.
+
+    The pod (no scheduler: its nodeName is set) runs as uid 8737 with a 64Mi limit and reports
+    what it got from the runtime in its termination message: the uid and group (8737:0, as the
+    image's /etc/passwd does not list 8737), its address from the CNI bridge's range, and the
+    memory cgroup's limit.
+    """
+    path = f"/api/v1/nodes/{real_node.NODE_NAME}"
+
+    def ready() -> Json | None:
+        found = api.get(path)
+        conditions = {
+            c["type"]: c["status"] for c in (found or {}).get("status", {}).get("conditions", [])
+        }
+        return found if conditions.get("Ready") == "True" else None
+
+    try:
+        node.wait(f"node {real_node.NODE_NAME} to be Ready", ready, 90)
+    except real_node.NodeError as error:
+        return [str(error)], ""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "busybox", "namespace": "default"},
+        "spec": {
+            "nodeName": real_node.NODE_NAME,
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsUser": PLUGIN_UID},
+            "containers": [
+                {
+                    "name": "busybox",
+                    "image": real_node.BUSYBOX_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", BUSYBOX_REPORT],
+                    "resources": {"limits": {"memory": "64Mi"}},
+                }
+            ],
+        },
+    }
+    pods = "/api/v1/namespaces/default/pods"
+    # The service-account controller makes the namespace's "default" account soon after start.
+    wait_for(
+        "the default service account",
+        lambda: api.get("/api/v1/namespaces/default/serviceaccounts/default"),
+        60,
+    )
+    api.call("POST", pods, pod)
+
+    def finished() -> Json | None:
+        found = api.get(f"{pods}/busybox")
+        return found if found and found["status"].get("phase") in ("Succeeded", "Failed") else None
+
+    try:
+        done: Json = node.wait("the busybox pod to finish", finished, 90)
+    except real_node.NodeError as error:
+        found = api.get(f"{pods}/busybox") or {}
+        return [f"{error}: {json.dumps(found.get('status', {}))[:600]}"], ""
+    state = (done["status"].get("containerStatuses") or [{}])[0].get("state", {})
+    message = state.get("terminated", {}).get("message", "").strip()
+    observed = f"{done['status']['phase']} {message} podIP={done['status'].get('podIP')}"
+    report = dict(item.split("=", 1) for item in message.split() if "=" in item)
+    problems = []
+    expected = {"uid": str(PLUGIN_UID), "gid": "0", "memory": str(64 * 1024 * 1024)}
+    for key, value in expected.items():
+        if report.get(key) != value:
+            problems.append(f"busybox pod: {key}={report.get(key)!r}, expected {value!r}")
+    prefix = real_node.POD_RANGE.rsplit(".", 1)[0] + "."
+    if done["status"]["phase"] != "Succeeded" or not report.get("ip", "").startswith(prefix):
+        problems.append(
+            f"busybox pod: {observed}, expected Succeeded with an address in {real_node.POD_RANGE}"
+        )
+    # Deleted as any pod is: the kubelet stops it and confirms the deletion.
+    api.call("DELETE", f"{pods}/busybox", {"gracePeriodSeconds": 1})
+    try:
+        node.wait("the busybox pod to go", lambda: api.get(f"{pods}/busybox") is None, 60)
+    except real_node.NodeError as error:
+        problems.append(str(error))
+    return problems, observed
+
+
 # Main #######################################################################################
 
 
@@ -1120,10 +1223,14 @@ def prime_hello_cache() -> None:
 def run(args: argparse.Namespace, workdir: Path) -> int:
     processes = Processes(workdir)
     runner: PodRunner | None = None
+    node = real_node.Node(args.kube, workdir, processes.start, processes.stop)
     try:
-        cluster = Cluster(args.kube, workdir, processes)
+        node.prepare_network()
+        cluster = Cluster(args.kube, workdir, processes, node.token_file())
         api = cluster.start()
+        node.start(cluster.admin.server, cluster.admin.ca, free_port)
         install(cluster, argo_manifests(args.go, args.argo_version))
+        node_problems, node_observed = check_node(api, node)
         plugin_image = read_plugin_image()
         executor_image = f"quay.io/argoproj/argoexec:{args.argo_version}"
         python = sys.executable
@@ -1179,9 +1286,9 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         patched, patched_main = check_pod_spec_patch(cluster, api)
         rbac, refusal = check_agent_refused(cluster, runner)
         unsigned = mock_executions().get("_bearer_absent", 0)
-    except LoopError as error:
+    except (LoopError, real_node.NodeError) as error:
         print(f"make loop: {error}", file=sys.stderr)
-        for name in ("kube-apiserver", "workflow-controller"):
+        for name in ("kube-apiserver", "workflow-controller", "containerd", "kubelet"):
             print(f"--- {name} (last lines):\n{processes.tail(name)}", file=sys.stderr)
         return 1
     finally:
@@ -1189,11 +1296,15 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             if runner is not None:
                 runner.stop()
         finally:
-            processes.stop_all()
+            try:
+                node.stop()
+            finally:
+                processes.stop_all()
     failures = (
         [f"{o.case.file}: {p}" for o in outcomes for p in o.problems]
         + [f"pod-spec-patch: {p}" for p in patched]
         + [f"rbac: {p}" for p in rbac]
+        + [f"node: {p}" for p in node_problems]
         + ([f"{unsigned} driver calls came without the plugin's token"] if unsigned else [])
         + runner.errors
     )
@@ -1206,6 +1317,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         )
     patch_row = f"{patched_main}  {'FAIL' if patched else 'ok'}"
     print(f"{'e2e/workflows/dag-succeeds.yaml':<{width}}  {'patched':<10}  {patch_row}")
+    node_row = f"{node_observed}  {'FAIL' if node_problems else 'ok'}"
+    print(f"{'busybox pod on ' + real_node.NODE_NAME:<{width}}  {'Succeeded':<10}  {node_row}")
     refused = "FAIL" if rbac else "refused, 0 calls  ok"
     print(f"{'agent without Role':<{width}}  {'refused':<10}  {refused}")
     if refusal:
@@ -1249,6 +1362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [tool for tool in ("unshare", "setpriv", "mount") if shutil.which(tool) is None]
     if missing:
         print(f"make loop: needs {', '.join(missing)} from util-linux on PATH", file=sys.stderr)
+        return 1
+    lacking = real_node.missing()
+    if lacking:
+        print(
+            f"make loop: the node needs {', '.join(lacking)} (make loop-packages installs them)",
+            file=sys.stderr,
+        )
         return 1
     if args.keep:
         args.keep.mkdir(parents=True)
