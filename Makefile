@@ -78,14 +78,17 @@ $(BUILD)/conformance/agent-%: conformance/agent.go conformance/agent-%/argo.go c
 	cd conformance/agent-$* && $(GO) build -trimpath -o $(abspath $@) .
 
 ## loop: KFP-shaped workflows through a real kube-apiserver, Argo's controller and agent, and the
-## plugin, beside a real node (kubelet, containerd, runc, CNI bridge); agent pods still run under
-## a pod runner (loop/run.py says what is real; needs Go, root, Debian's packages below)
+## plugin, on a real node: kubelet, kube-proxy, kube-scheduler, containerd, runc, CNI bridge,
+## CoreDNS, and images built here (loop/run.py says what is real; needs Go, root, Debian packages)
 LOOP_KUBE := $(BUILD)/loop/kube
+LOOP_COREDNS := $(BUILD)/loop/coredns
+LOOP_PLUGIN_IMAGE := $(BUILD)/loop/images/driver-plugin.tar
 LOOP_LINES := $(ARGO_VERSION) $(ARGO_V3_VERSION)
-LOOP_PACKAGES := containerd runc containernetworking-plugins busybox-static iproute2
-loop: loop-packages $(LOOP_KUBE) $(foreach v,$(LOOP_LINES),$(BUILD)/argo-$(v)/workflow-controller $(BUILD)/argo-$(v)/argoexec)
+LOOP_PACKAGES := containerd runc containernetworking-plugins busybox-static iproute2 iptables
+loop: loop-packages $(LOOP_KUBE) $(LOOP_COREDNS) $(LOOP_PLUGIN_IMAGE) $(foreach v,$(LOOP_LINES),$(BUILD)/argo-$(v)/workflow-controller $(BUILD)/argo-$(v)/argoexec)
 	for version in $(LOOP_LINES); do \
-	  $(PYTHON) loop/run.py --kube $(LOOP_KUBE) --argo-bin $(BUILD)/argo-$$version --argo-version $$version --go $(GO) || exit 1; \
+	  $(PYTHON) loop/run.py --kube $(LOOP_KUBE) --coredns $(LOOP_COREDNS) --plugin-image $(LOOP_PLUGIN_IMAGE) \
+	    --argo-bin $(BUILD)/argo-$$version --argo-version $$version --go $(GO) || exit 1; \
 	done
 
 ## loop-packages: the node's runtime from Debian bookworm (containerd 1.6.20, runc 1.1.5, CNI
@@ -104,6 +107,17 @@ loop-packages:
 $(LOOP_KUBE): loop/kube/go.mod loop/kube/go.sum $(wildcard loop/kube/*.go)
 	@$(GO_PREFLIGHT)
 	cd loop/kube && $(GO) build -trimpath -o $(abspath $@) .
+
+## $(LOOP_COREDNS): CoreDNS from its module, with the plugins the loop's Corefile uses
+$(LOOP_COREDNS): loop/coredns/go.mod loop/coredns/go.sum loop/coredns/main.go
+	@$(GO_PREFLIGHT)
+	cd loop/coredns && $(GO) build -trimpath -o $(abspath $@) .
+
+## $(LOOP_PLUGIN_IMAGE): the plugin's image by the Dockerfile's recipe, on a base unpacked from
+## the Debian 13 packages distroless python3-debian13 is made of (loop/images.py names them;
+## apt downloads them once into $(BUILD)/loop/trixie with a configuration of its own)
+$(LOOP_PLUGIN_IMAGE): Dockerfile driver_plugin.py loop/images.py
+	$(PYTHON) -m loop.images $(shell sed -n 's/^ *image: *//p' $(CONFIGMAP) | head -1) $@ $(BUILD)/loop/trixie
 
 ## $(ARGO_BIN)/argo: Argo's `argo executor-plugin` command alone (tools/argo-cli/main.go says why
 ## `go install .../cmd/argo` cannot build the whole CLI)
@@ -130,8 +144,9 @@ $(BUILD)/argo-%/source/go.mod: conformance/agent-v4/go.mod conformance/agent-v3/
 $(BUILD)/argo-%/workflow-controller: $(BUILD)/argo-%/source/go.mod
 	cd $(<D) && $(GO) build -trimpath -o $(abspath $@) ./cmd/workflow-controller
 
+# Static, as Argo's release builds it: init containers copy it into executor pods of any image.
 $(BUILD)/argo-%/argoexec: $(BUILD)/argo-%/source/go.mod
-	cd $(<D) && $(GO) build -trimpath -o $(abspath $@) ./cmd/argoexec
+	cd $(<D) && CGO_ENABLED=0 $(GO) build -trimpath -o $(abspath $@) ./cmd/argoexec
 
 clean:
 	rm -rf $(VENV) $(BUILD) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results
