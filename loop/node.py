@@ -451,6 +451,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         )
         self._start("coredns", [str(coredns), "-conf", str(corefile)])
 
+    def task_pid(self, container_id: str) -> int:
+        """The host pid of a running container's first process (`ctr tasks ls`)."""
+        listing = self.ctr("tasks", "ls") or ""
+        for line in listing.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 3 and fields[0] == container_id and fields[2] == "RUNNING":
+                return int(fields[1])
+        raise NodeError(f"no running task {container_id} in containerd")
+
     def container_log(self, namespace: str, pod: str, container: str) -> str:
         """What the kubelet logged for that container (all its restarts), from podLogsDir."""
         texts = []

@@ -37,11 +37,13 @@ Exit status 0 when every workflow ended as expected; a table of expected/observe
 from __future__ import annotations
 
 import argparse
+import datetime
 import http.client
 import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -871,6 +873,216 @@ def check_side_by_side(
     return problems, f"{' '.join(phases)}, {together} agent pods Running at once"
 
 
+# Faults a cluster brings #####################################################################
+
+SLOW = "loop/workflows/slow-15s.yaml"  # one driver call the mock answers after 15 s
+SLOW_KEY = "ROOT_DAG/-1"
+
+
+@dataclass
+class InFlight:
+    """A slow workflow whose driver call has started, and its agent pod."""
+
+    name: str
+    uid: str
+    pod: str
+
+    @property
+    def workflow_path(self) -> str:
+        return f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{self.name}"
+
+    @property
+    def pod_path(self) -> str:
+        return f"/api/v1/namespaces/{PROFILE}/pods/{self.pod}"
+
+
+def start_slow(cluster: Cluster, watch: PodWatch) -> InFlight:
+    created = cluster.create_workflow(PROFILE, SLOW)
+    name, uid = created["metadata"]["name"], created["metadata"]["uid"]
+    wait_for(
+        f"the driver call of {name} to start",
+        lambda: mock_executions().get(f"{uid}/{SLOW_KEY}", 0) >= 1,
+        90,
+    )
+    pod: str = wait_for(
+        f"the agent pod of {name}",
+        lambda: next(
+            (
+                pod
+                for pod, spec in watch.specs.items()
+                if spec["metadata"]["labels"].get("workflows.argoproj.io/workflow") == name
+            ),
+            None,
+        ),
+        30,
+    )
+    return InFlight(name, uid, pod)
+
+
+def sidecar(pod: Json | None) -> Json:
+    statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
+    return next((s for s in statuses if s["name"] == "driver-plugin"), {})
+
+
+def finish(api: Api, flight: InFlight, timeout: float) -> str:
+    def phase() -> str | None:
+        found = ((api.get(flight.workflow_path) or {}).get("status") or {}).get("phase")
+        return found if found in ("Succeeded", "Failed", "Error") else None
+
+    try:
+        return str(wait_for(f"workflow {flight.name} to finish", phase, timeout, 0.5))
+    except LoopError:
+        return "unfinished"
+
+
+def check_sidecar_killed(
+    cluster: Cluster, api: Api, watch: PodWatch, node: real_node.Node, timeout: float
+) -> tuple[list[str], str]:
+    """SIGKILL the sidecar's process while a driver call is in flight: the kubelet restarts
+    the container (the agent pod's restartPolicy is OnFailure), it becomes Ready again, and the
+    workflow still succeeds. How often the driver executed is reported: once needs an
+    idempotency key the plugin does not send yet."""
+    flight = start_slow(cluster, watch)
+    status = sidecar(api.get(flight.pod_path))
+    container = str(status.get("containerID", "")).partition("://")[2]
+    os.kill(node.task_pid(container), signal.SIGKILL)
+    problems = []
+    try:
+        restarted: Json = wait_for(
+            "the kubelet to restart the killed sidecar and see it Ready",
+            lambda: (
+                (s := sidecar(api.get(flight.pod_path))).get("restartCount", 0) >= 1
+                and s.get("ready")
+                and s
+            ),
+            90,
+        )
+    except LoopError as error:
+        problems.append(str(error))
+        restarted = sidecar(api.get(flight.pod_path))
+    code = restarted.get("lastState", {}).get("terminated", {}).get("exitCode")
+    if code != 137:
+        problems.append(f"the killed sidecar's last state: {restarted.get('lastState')}")
+    phase = finish(api, flight, timeout)
+    if phase != "Succeeded":
+        problems.append(f"workflow {flight.name} ended {phase}, expected Succeeded")
+    executed = mock_executions().get(f"{flight.uid}/{SLOW_KEY}", 0)
+    observed = (
+        f"{phase}; sidecar exit {code}, restartCount {restarted.get('restartCount')}, Ready "
+        f"again; driver executed {executed}x"
+    )
+    return problems, observed
+
+
+def check_probe_flood(
+    cluster: Cluster, api: Api, watch: PodWatch, timeout: float
+) -> tuple[list[str], str]:
+    """64 idle connections to the sidecar from another pod while a call is in flight: the
+    plugin turns away all but 16 from that peer, the node's probes (from the bridge address)
+    still pass, nothing restarts, the workflow succeeds."""
+    flight = start_slow(cluster, watch)
+    address = (api.get(flight.pod_path) or {}).get("status", {}).get("podIP", "")
+    flood = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "flood", "namespace": "default"},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 0,
+            "securityContext": {"runAsUser": 65534},
+            "containers": [
+                {
+                    "name": "flood",
+                    "image": real_node.BUSYBOX_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": [
+                        "sh",
+                        "-c",
+                        f"for i in $(seq 64); do sleep 60 | nc {address} 7581 & done; wait",
+                    ],
+                }
+            ],
+        },
+    }
+    pods = "/api/v1/namespaces/default/pods"
+    api.call("POST", pods, flood)
+    problems = []
+    healthy = failed = 0
+    try:
+        wait_for(
+            "the flood pod to run",
+            lambda: (api.get(f"{pods}/flood") or {}).get("status", {}).get("phase") == "Running",
+            60,
+        )
+        time.sleep(2)
+        # As the kubelet probes: GET /healthz from the node, every second, while flooded.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                ok = http_status(address, 7581, "/healthz") == 200
+            except OSError:
+                ok = False
+            healthy, failed = healthy + ok, failed + (not ok)
+            time.sleep(1)
+    except LoopError as error:
+        problems.append(str(error))
+    finally:
+        api.request("DELETE", f"{pods}/flood", {"gracePeriodSeconds": 0})
+    status = sidecar(api.get(flight.pod_path))
+    if failed:
+        problems.append(f"/healthz failed {failed} of {healthy + failed} times under the flood")
+    if status.get("restartCount", 0):
+        problems.append(f"the sidecar restarted {status.get('restartCount')} times")
+    phase = finish(api, flight, timeout)
+    if phase != "Succeeded":
+        problems.append(f"workflow {flight.name} ended {phase}, expected Succeeded")
+    observed = (
+        f"{phase}; /healthz {healthy}/{healthy + failed} under 64 idle connections, "
+        f"restartCount {status.get('restartCount', 0)}"
+    )
+    return problems, observed
+
+
+def check_deleted_mid_call(
+    cluster: Cluster, api: Api, watch: PodWatch, node: real_node.Node
+) -> tuple[list[str], str]:
+    """Delete the workflow while its driver call is in flight: the garbage collector deletes
+    the agent pod, the kubelet sends SIGTERM, and the plugin drains: it waits for the call in
+    flight before it exits (its log's last word, read from the kubelet's pod logs)."""
+    flight = start_slow(cluster, watch)
+    deleted = time.time()
+    cluster.kubectl("-n", PROFILE, "delete", "workflow", flight.name, "--wait=false")
+    log = ""
+    last: Json = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        log = max(log, node.container_log(PROFILE, flight.pod, "driver-plugin"), key=len)
+        found = api.get(flight.pod_path)
+        if found is None:
+            break
+        last = sidecar(found) or last
+        time.sleep(0.2)
+    problems = []
+    stopped = [line for line in log.splitlines() if '"msg":"stopped"' in line]
+    if not stopped:
+        problems.append(f"the sidecar logged no stop: {log[-300:]!r}")
+    elif '"drained":true' not in stopped[-1]:
+        problems.append(f"the sidecar stopped without draining: {stopped[-1][-200:]}")
+    code = last.get("state", {}).get("terminated", {}).get("exitCode")
+    observed = "SIGTERM by the kubelet; no stop logged"
+    if stopped:
+        record = json.loads(stopped[-1].split(" F ", 1)[-1])
+        at = datetime.datetime.fromisoformat(record["ts"].replace("Z", "+00:00")).timestamp()
+        observed = (
+            f"SIGTERM by the kubelet; stopped {at - deleted:.1f} s after the delete, "
+            f"drained={json.dumps(record.get('drained'))}"
+        )
+    if code not in (None, 0):
+        problems.append(f"the sidecar exited {code}")
+    return problems, observed
+
+
 NO_ROLE = "kubeflow-user-no-agent-role"
 
 
@@ -1119,6 +1331,19 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             outcomes.append(outcome)
         patched, patched_main = check_pod_spec_patch(cluster, api, node, args.timeout)
         paired, paired_observed = check_side_by_side(cluster, api, watch, args.timeout)
+        faults = [
+            (
+                "sidecar killed mid-call",
+                "Succeeded",
+                *check_sidecar_killed(cluster, api, watch, node, args.timeout),
+            ),
+            (
+                "64 idle connections",
+                "Succeeded",
+                *check_probe_flood(cluster, api, watch, args.timeout),
+            ),
+            ("deleted mid-call", "drained", *check_deleted_mid_call(cluster, api, watch, node)),
+        ]
         rbac, refusal = check_agent_refused(cluster, watch, node)
         unsigned = mock_executions().get("_bearer_absent", 0)
     except (LoopError, real_node.NodeError) as error:
@@ -1143,6 +1368,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         + [f"pod-spec-patch: {p}" for p in patched]
         + [f"rbac: {p}" for p in rbac]
         + [f"side by side: {p}" for p in paired]
+        + [f"{row}: {p}" for row, _, problems, _ in faults for p in problems]
         + [f"node: {p}" for p in node_problems]
         + ([f"{unsigned} driver calls came without the plugin's token"] if unsigned else [])
         + (watch.errors if watch else [])
@@ -1160,6 +1386,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     print(f"{'busybox pod on ' + real_node.NODE_NAME:<{width}}  {'Succeeded':<10}  {node_row}")
     paired_row = f"{paired_observed}  {'FAIL' if paired else 'ok'}"
     print(f"{'root-driver.yaml twice at once':<{width}}  {'Succeeded':<10}  {paired_row}")
+    for row, expected, problems, observed in faults:
+        print(f"{row:<{width}}  {expected:<10}  {observed}  {'FAIL' if problems else 'ok'}")
     refused = "FAIL" if rbac else "refused, 0 calls  ok"
     print(f"{'agent without Role':<{width}}  {'refused':<10}  {refused}")
     if refusal:
