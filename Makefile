@@ -104,9 +104,14 @@ loop-packages:
 	fi
 
 ## $(LOOP_KUBE): etcd, kube-apiserver, kube-controller-manager, kubectl and kubelet in one binary (loop/kube)
+# The version the programs report (the node's kubeletVersion, /version): the module's release.
+KUBE_VERSION := $(shell sed -n 's|^[[:space:]]*k8s.io/kubernetes \(v[^ ]*\)$$|\1|p' loop/kube/go.mod)
+KUBE_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
+  -X k8s.io/component-base/version.gitMajor=$(word 1,$(subst ., ,$(KUBE_VERSION:v%=%))) \
+  -X k8s.io/component-base/version.gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION:v%=%)))
 $(LOOP_KUBE): loop/kube/go.mod loop/kube/go.sum $(wildcard loop/kube/*.go)
 	@$(GO_PREFLIGHT)
-	cd loop/kube && $(GO) build -trimpath -o $(abspath $@) .
+	cd loop/kube && $(GO) build -trimpath -ldflags '$(KUBE_LDFLAGS)' -o $(abspath $@) .
 
 ## $(LOOP_COREDNS): CoreDNS from its module, with the plugins the loop's Corefile uses
 $(LOOP_COREDNS): loop/coredns/go.mod loop/coredns/go.sum loop/coredns/main.go

@@ -1083,6 +1083,131 @@ def check_deleted_mid_call(
     return problems, observed
 
 
+# Driver pods against the plugin ##############################################################
+
+STEPS = 10
+OUTPUT_PATHS = ("cached-decision", "condition", "pod-spec-patch")
+
+
+def ten_steps(mode: str) -> Json:
+    """A 10-step pipeline's drivers, one after the other: each step one CONTAINER driver call
+    with its own task name. "plugin": each a driver-plugin template (the agent pod and our
+    sidecar make them all); "pods": each a driver pod, as KFP's released compiler runs drivers,
+    here a busybox stand-in that POSTs the same body the agent sends to the mock through the
+    same Service (one pod per step, with Argo's init and wait containers)."""
+    sys.path.insert(0, str(ROOT))
+    import mock_driver_server  # noqa: PLC0415 - the repository's mock, beside this harness
+
+    task = {
+        "cachingOptions": {},
+        "componentRef": {"name": "comp-echo"},
+        "taskInfo": {"name": "echo"},
+    }
+    body = json.loads(
+        mock_driver_server.agent_body(
+            "CONTAINER",
+            uid="{{workflow.uid}}",
+            workflow_name="{{workflow.name}}",
+            namespace="{{workflow.namespace}}",
+            task_name="{{inputs.parameters.task-name}}",
+            task=task,
+        )
+    )
+    args = body["template"]["plugin"]["driver-plugin"]["args"]
+    if mode == "plugin":
+        template: Json = {
+            "plugin": {"driver-plugin": {"args": args}},
+            "outputs": {
+                "parameters": [
+                    {"name": name, "valueFrom": {"jsonPath": f"$.{name}", "default": ""}}
+                    for name in OUTPUT_PATHS
+                ]
+            },
+        }
+    else:
+        text = json.dumps(body, separators=(",", ":"))
+        for name in OUTPUT_PATHS:  # a pod has no output paths: the driver writes files there
+            text = text.replace(f"{{{{outputs.parameters.{name}.path}}}}", f"/kfp/outputs/{name}")
+        template = {
+            "container": {
+                "image": real_node.BUSYBOX_IMAGE,
+                "command": ["wget"],
+                "args": [
+                    "-q", "-O", "-",
+                    "--header", "Content-Type: application/json",
+                    "--header", "Authorization: Bearer loop-driver-pod",
+                    "--post-data", text,
+                    f"http://{DRIVER_HOST}:{MOCK_ADDRESS[1]}/api/v1/template.execute",
+                ],
+            }
+        }  # fmt: skip
+    template.update({"name": "driver", "inputs": {"parameters": [{"name": "task-name"}]}})
+    tasks = [
+        {
+            "name": f"step-{i}",
+            "template": "driver",
+            "arguments": {"parameters": [{"name": "task-name", "value": f"step-{i}"}]},
+            **({"depends": f"step-{i - 1}.Succeeded"} if i else {}),
+        }
+        for i in range(STEPS)
+    ]
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"generateName": f"loop-ten-{mode}-"},
+        "spec": {
+            "entrypoint": "pipeline",
+            "serviceAccountName": WORKFLOW_ACCOUNT,
+            "activeDeadlineSeconds": 600,
+            "templates": [{"name": "pipeline", "dag": {"tasks": tasks}}, template],
+        },
+    }
+
+
+def measure_driver_pods(api: Api, watch: PodWatch, timeout: float) -> tuple[list[str], list[str]]:
+    """The same 10 driver calls by driver pods and through the plugin: pods created and
+    seconds per step (creation to finish over 10), with the controller's 1 s requeue. Both must
+    succeed with 10 driver executions."""
+    problems, rows = [], []
+    for mode in ("pods", "plugin"):
+        created = api.call(
+            "POST", f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows", ten_steps(mode)
+        )
+        name, uid = created["metadata"]["name"], created["metadata"]["uid"]
+        path = f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{name}"
+        started = time.monotonic()
+
+        def finished(path: str = path) -> Json | None:
+            found = api.get(path) or {}
+            done = found.get("status", {}).get("phase") in ("Succeeded", "Failed", "Error")
+            return found if done else None
+
+        try:
+            workflow: Json = wait_for(f"workflow {name} to finish", finished, timeout * 3, 0.5)
+        except LoopError as error:
+            problems.append(str(error))
+            continue
+        seconds = time.monotonic() - started
+        selector = urllib.parse.quote(f"workflows.argoproj.io/workflow={name}")
+        pods = api.call("GET", f"/api/v1/namespaces/{PROFILE}/pods?labelSelector={selector}")
+        # The agent pod is gone once the workflow is done: the watch saw it.
+        count = len(
+            {pod["metadata"]["name"] for pod in pods.get("items", [])}
+            | {
+                pod
+                for pod, spec in watch.specs.items()
+                if spec["metadata"]["labels"].get("workflows.argoproj.io/workflow") == name
+            }
+        )
+        executed = sum(n for key, n in mock_executions().items() if key.startswith(f"{uid}/"))
+        phase = workflow["status"]["phase"]
+        if phase != "Succeeded" or executed != STEPS:
+            problems.append(f"{mode}: {phase}, {executed} driver executions, expected {STEPS}")
+        rows.append(f"{mode}: {phase}, {count} pods, {seconds:.1f} s, {seconds / STEPS:.2f} s/step")
+        refuse("DELETE", path, *api.request("DELETE", path))
+    return problems, rows
+
+
 NO_ROLE = "kubeflow-user-no-agent-role"
 
 
@@ -1344,6 +1469,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             ),
             ("deleted mid-call", "drained", *check_deleted_mid_call(cluster, api, watch, node)),
         ]
+        measured, measures = measure_driver_pods(api, watch, args.timeout)
         rbac, refusal = check_agent_refused(cluster, watch, node)
         unsigned = mock_executions().get("_bearer_absent", 0)
     except (LoopError, real_node.NodeError) as error:
@@ -1368,6 +1494,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         + [f"pod-spec-patch: {p}" for p in patched]
         + [f"rbac: {p}" for p in rbac]
         + [f"side by side: {p}" for p in paired]
+        + [f"10 driver calls: {p}" for p in measured]
         + [f"{row}: {p}" for row, _, problems, _ in faults for p in problems]
         + [f"node: {p}" for p in node_problems]
         + ([f"{unsigned} driver calls came without the plugin's token"] if unsigned else [])
@@ -1388,6 +1515,10 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     print(f"{'root-driver.yaml twice at once':<{width}}  {'Succeeded':<10}  {paired_row}")
     for row, expected, problems, observed in faults:
         print(f"{row:<{width}}  {expected:<10}  {observed}  {'FAIL' if problems else 'ok'}")
+    for measure in measures:
+        print(
+            f"{'10 driver calls, ' + measure.split(':')[0]:<{width}}  {'measured':<10}  {measure}"
+        )
     refused = "FAIL" if rbac else "refused, 0 calls  ok"
     print(f"{'agent without Role':<{width}}  {'refused':<10}  {refused}")
     if refusal:
