@@ -453,6 +453,18 @@ def install(cluster: Cluster, argo_manifests: Path) -> None:
         "ARGO_EXECUTOR_PLUGINS=true",
         "DEFAULT_REQUEUE_TIME=1s",
     )
+    # The controller runs on the host: its metrics server's fixed :9090 would collide with any
+    # other controller on the machine (a second loop, say), and nothing here reads it.
+    kubectl(
+        "-n",
+        ARGO_NAMESPACE,
+        "patch",
+        "configmap",
+        "workflow-controller-configmap",
+        "--type=merge",
+        "-p",
+        json.dumps({"data": {"metricsConfig": "enabled: false\n"}}),
+    )
     kubectl("apply", "-k", str(ROOT / "deploy/controller-rbac-fix/argo"))
     kubectl("create", "namespace", PROFILE)
     # Kubeflow's account first, as in a real profile: the token controller deletes a token
