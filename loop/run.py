@@ -1002,7 +1002,11 @@ def check_probe_flood(
     plugin turns away all but 16 from that peer, the node's probes (from the bridge address)
     still pass, nothing restarts, the workflow succeeds."""
     flight = start_slow(cluster, watch)
-    address = (api.get(flight.pod_path) or {}).get("status", {}).get("podIP", "")
+    address: str = wait_for(
+        f"the address of {flight.pod}",
+        lambda: (api.get(flight.pod_path) or {}).get("status", {}).get("podIP"),
+        30,
+    )
     flood = {
         "apiVersion": "v1",
         "kind": "Pod",
