@@ -6,7 +6,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 IMAGE  ?= driver-plugin:0.1.0
 
-.PHONY: demo test lint typecheck pytest configmap check-configmap conformance server-conformance loop image e2e bench clean
+.PHONY: demo test lint typecheck pytest configmap check-configmap conformance server-conformance loop loop-packages image e2e bench clean
 
 # Go is for the harnesses that run Argo's own code, never for the product.
 GO           ?= go
@@ -86,18 +86,51 @@ $(BUILD)/conformance/agent-%: conformance/agent.go conformance/agent-%/argo.go c
 	cd conformance/agent-$* && $(GO) build -trimpath -o $(abspath $@) .
 
 ## loop: KFP-shaped workflows through a real kube-apiserver, Argo's controller and agent, and the
-## plugin, with a pod runner standing in for the kubelet (loop/run.py says what is real; needs Go, root)
+## plugin, on a real node: kubelet, kube-proxy, kube-scheduler, containerd, runc, CNI bridge,
+## CoreDNS, and images built here (loop/run.py says what is real; needs Go, root, Debian packages)
 LOOP_KUBE := $(BUILD)/loop/kube
+LOOP_COREDNS := $(BUILD)/loop/coredns
+LOOP_PLUGIN_IMAGE := $(BUILD)/loop/images/driver-plugin.tar
 LOOP_LINES := $(ARGO_VERSION) $(ARGO_V3_VERSION)
-loop: $(LOOP_KUBE) $(foreach v,$(LOOP_LINES),$(BUILD)/argo-$(v)/workflow-controller $(BUILD)/argo-$(v)/argoexec)
+LOOP_PACKAGES := containerd runc containernetworking-plugins busybox-static iproute2 iptables
+loop: loop-packages $(LOOP_KUBE) $(LOOP_COREDNS) $(LOOP_PLUGIN_IMAGE) $(foreach v,$(LOOP_LINES),$(BUILD)/argo-$(v)/workflow-controller $(BUILD)/argo-$(v)/argoexec)
 	for version in $(LOOP_LINES); do \
-	  $(PYTHON) loop/run.py --kube $(LOOP_KUBE) --argo-bin $(BUILD)/argo-$$version --argo-version $$version --go $(GO) || exit 1; \
+	  $(PYTHON) loop/run.py --kube $(LOOP_KUBE) --coredns $(LOOP_COREDNS) --plugin-image $(LOOP_PLUGIN_IMAGE) \
+	    --argo-bin $(BUILD)/argo-$$version --argo-version $$version --go $(GO) || exit 1; \
 	done
 
-## $(LOOP_KUBE): etcd, kube-apiserver, kube-controller-manager and kubectl in one binary (loop/kube)
+## loop-packages: the node's runtime from Debian bookworm (containerd 1.6.20, runc 1.1.5, CNI
+## plugins 1.1.1, the static busybox the images are made of), installed with apt when missing
+loop-packages:
+	@missing=$$(for p in $(LOOP_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | \
+	  grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  command -v apt-get >/dev/null || { echo "make loop: needs these Debian packages: $$missing" >&2; exit 1; }; \
+	  echo "make loop-packages: apt-get install $$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing >/dev/null; }; \
+	fi
+
+## $(LOOP_KUBE): etcd, kube-apiserver, kube-controller-manager, kubectl and kubelet in one binary (loop/kube)
+# The version the programs report (the node's kubeletVersion, /version): the module's release.
+KUBE_VERSION := $(shell sed -n 's|^[[:space:]]*k8s.io/kubernetes \(v[^ ]*\)$$|\1|p' loop/kube/go.mod)
+KUBE_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
+  -X k8s.io/component-base/version.gitMajor=$(word 1,$(subst ., ,$(KUBE_VERSION:v%=%))) \
+  -X k8s.io/component-base/version.gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION:v%=%)))
 $(LOOP_KUBE): loop/kube/go.mod loop/kube/go.sum $(wildcard loop/kube/*.go)
 	@$(GO_PREFLIGHT)
-	cd loop/kube && $(GO) build -trimpath -o $(abspath $@) .
+	cd loop/kube && $(GO) build -trimpath -ldflags '$(KUBE_LDFLAGS)' -o $(abspath $@) .
+
+## $(LOOP_COREDNS): CoreDNS from its module, with the plugins the loop's Corefile uses
+$(LOOP_COREDNS): loop/coredns/go.mod loop/coredns/go.sum loop/coredns/main.go
+	@$(GO_PREFLIGHT)
+	cd loop/coredns && $(GO) build -trimpath -o $(abspath $@) .
+
+## $(LOOP_PLUGIN_IMAGE): the plugin's image by the Dockerfile's recipe, on a base unpacked from
+## the Debian 13 packages distroless python3-debian13 is made of (loop/images.py names them;
+## apt downloads them once into $(BUILD)/loop/trixie with a configuration of its own)
+$(LOOP_PLUGIN_IMAGE): Dockerfile driver_plugin.py loop/images.py
+	$(PYTHON) -m loop.images $(shell sed -n 's/^ *image: *//p' $(CONFIGMAP) | head -1) $@ $(BUILD)/loop/trixie
 
 ## $(ARGO_BIN)/argo: Argo's `argo executor-plugin` command alone (tools/argo-cli/main.go says why
 ## `go install .../cmd/argo` cannot build the whole CLI)
@@ -124,8 +157,9 @@ $(BUILD)/argo-%/source/go.mod: conformance/agent-v4/go.mod conformance/agent-v3/
 $(BUILD)/argo-%/workflow-controller: $(BUILD)/argo-%/source/go.mod
 	cd $(<D) && $(GO) build -trimpath -o $(abspath $@) ./cmd/workflow-controller
 
+# Static, as Argo's release builds it: init containers copy it into executor pods of any image.
 $(BUILD)/argo-%/argoexec: $(BUILD)/argo-%/source/go.mod
-	cd $(<D) && $(GO) build -trimpath -o $(abspath $@) ./cmd/argoexec
+	cd $(<D) && CGO_ENABLED=0 $(GO) build -trimpath -o $(abspath $@) ./cmd/argoexec
 
 clean:
 	rm -rf $(VENV) $(BUILD) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results

@@ -3,43 +3,47 @@
 
 What is real (each the released program, built from the Go module proxy, see Makefile):
 
-* etcd, kube-apiserver (RBAC on, service-account tokens signed and checked for real),
-  kube-controller-manager (only the token controllers, which fill the token Secrets that
-  rbac.yaml declares and Argo mounts, and the garbage collector, which removes the pods of a
-  deleted workflow) and kubectl, all from k8s.io/kubernetes (loop/kube);
+* etcd, kube-apiserver (RBAC and the Node authorizer on, service-account tokens signed and
+  checked for real), kube-controller-manager (the token controllers, which fill the token
+  Secrets that rbac.yaml declares and Argo mounts; the garbage collector, which removes the
+  pods of a deleted workflow; node lifecycle and the root CA publisher), kube-scheduler and
+  kubectl, all from k8s.io/kubernetes (loop/kube);
+* the node (loop/node.py): the kubelet and kube-proxy from that same release, Debian's
+  containerd and runc, Debian's CNI bridge with pod addresses inside network namespaces
+  containerd makes, CoreDNS from its module (loop/coredns) behind the kube-dns Service;
+* the images, built here and imported into containerd, none pulled: the plugin's by the
+  Dockerfile's recipe on Debian 13's Python packages, Argo's argoexec from the binary the
+  Makefile builds, busybox from Debian's busybox-static (loop/images.py);
 * Argo's CRDs and controller RBAC from the argo-workflows module's manifests (v4 or v3, the
   release given), applied with kubectl as an operator applies the release, then our
   controller RBAC fix, the profile stand-ins, rbac.yaml and the generated plugin ConfigMap;
 * workflow-controller, run with the command, args and env of the Deployment the manifests
   created, authenticated as its own service account (so Argo's ClusterRole decides what it
   may do);
-* inside the agent pod: `argoexec agent init`, `argoexec agent main` (the workflow service
-  account's token from its Secret, so the apiserver's RBAC decides what the agent may do) and
-  driver_plugin.py; upstream, mock_driver_server.py.
+* the agent pod the controller creates, scheduled onto the node and run by the kubelet:
+  `argoexec agent init`, `argoexec agent main` and driver_plugin.py from their images, with
+  the pod spec's securityContext, mounts, probes and limits. Upstream is mock_driver_server.py,
+  on the node's bridge behind the Service the ConfigMap names (ml-pipeline-driver.kubeflow).
 
-What stands in for the rest of a cluster (the pod runner below, for agent pods only): the
-scheduler (it binds the pod to node "loop"), the kubelet (it writes the pod's volumes, runs
-each container as a process with the pod spec's command, env and uid in a mount namespace of
-its own so that /var/run/argo and the service-account directory are where the spec puts them,
-runs httpGet readiness probes, reports container states through the status subresource, and on
-deletion sends SIGTERM), the container images (a table mapping each image to a local
-program), and cluster DNS (the pod's /etc/hosts maps the driver Service's name to the mock's
-loopback address). No executor pod is run: every workflow here is chosen so that the agent pod
-is its only pod, except dag-succeeds, whose executor pod is only read.
+What is not a pod: the control plane, the controller, CoreDNS and the mock run as processes
+on the host (their Services have hand-written EndpointSlices), as a kubeadm control plane's
+static pods would run there.
 
-Usage: loop/run.py --kube BIN --argo-bin DIR --argo-version VERSION [--keep DIR]
+Usage: loop/run.py --kube BIN --coredns BIN --plugin-image TAR --argo-bin DIR
+                   --argo-version VERSION [--keep DIR]
 Exit status 0 when every workflow ended as expected; a table of expected/observed on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
+import datetime
 import http.client
 import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -48,20 +52,24 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from loop import node as real_node  # noqa: E402
+
 PROFILE = "kubeflow-user-example-com"
 ARGO_NAMESPACE = "argo"
 # The driver Service plugin.yaml names (DRIVER_PLUGIN_UPSTREAM) and where the mock listens.
 DRIVER_HOST = "ml-pipeline-driver.kubeflow"
-MOCK_ADDRESS = ("127.0.0.9", 8080)
+# On the node's bridge, where pods reach it through the Service of that name.
+MOCK_ADDRESS = (real_node.GATEWAY, 8080)
 PLUGIN_UID = 8737
-# The passwd entries of the distroless bases both images use (root, nonroot, nobody).
-DISTROLESS_GROUPS = {0: 0, 65532: 65532, 65534: 65534}
 # What a profile namespace gets, in this order (install() says why).
 FOR_PROFILE = (
     "e2e/profile/kfp-stand-in.yaml",
@@ -276,13 +284,16 @@ class Cluster:
     kube: Path
     workdir: Path
     processes: Processes
+    token_file: Path  # static tokens: the kubelet's node identity
     pki: Path = field(init=False)
     admin: Credentials = field(init=False)
 
     def start(self) -> Api:
         self.pki = self.workdir / "pki"
         self.pki.mkdir()
-        self.run("pki", str(self.pki))
+        # The apiserver listens on the node's bridge: pods reach it through the kubernetes
+        # Service (kube-proxy), the host's programs directly.
+        self.run("pki", str(self.pki), real_node.GATEWAY)
         client, peer, secure = free_port(), free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{client}"
         self.processes.start(
@@ -301,12 +312,15 @@ class Cluster:
             [
                 str(self.kube), "kube-apiserver",
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                f"--bind-address={real_node.GATEWAY}",
+                f"--advertise-address={real_node.GATEWAY}",
                 f"--secure-port={secure}", f"--cert-dir={pki}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
-                "--authorization-mode=RBAC",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                f"--token-auth-file={self.token_file}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
@@ -315,7 +329,10 @@ class Cluster:
             ],
         )  # fmt: skip
         self.admin = Credentials(
-            f"https://127.0.0.1:{secure}", pki / "ca.crt", pki / "admin.crt", pki / "admin.key"
+            f"https://{real_node.GATEWAY}:{secure}",
+            pki / "ca.crt",
+            pki / "admin.crt",
+            pki / "admin.key",
         )
         api = Api(self.admin)
         wait_for("kube-apiserver /readyz", lambda: api.request("GET", "/readyz")[0] == 200, 120)
@@ -325,7 +342,10 @@ class Cluster:
             [
                 str(self.kube), "kube-controller-manager",
                 f"--kubeconfig={admin_config}", "--leader-elect=false", "--secure-port=0",
-                "--controllers=serviceaccount-token,serviceaccount,garbagecollector",
+                # nodelifecycle takes the not-ready taint off the node once it is Ready;
+                # root-ca-cert-publisher writes the kube-root-ca.crt pods' tokens come with.
+                "--controllers=serviceaccount-token,serviceaccount,garbagecollector,"
+                "nodelifecycle,root-ca-cert-publisher",
                 f"--service-account-private-key-file={pki / 'sa.key'}",
                 f"--root-ca-file={pki / 'ca.crt'}",
             ],
@@ -355,351 +375,55 @@ class Cluster:
         return created
 
 
-# The pod runner #############################################################################
+# What the node ran ##########################################################################
 
 
-@dataclass(frozen=True)
-class Image:
-    """What an image stands for: a command, files to bind into the container, a workdir."""
+class PodWatch(threading.Thread):
+    """Records every agent pod the controller creates and which of its containers the kubelet
+    ever reported Ready (agent pods go once their workflow is done)."""
 
-    entrypoint: tuple[str, ...]  # when the container has no command
-    files: Mapping[str, Path]  # path in the container -> local file
-    workdir: str = "/"
-    commands: Mapping[str, str] = field(default_factory=dict)  # command[0] -> path in the container
+    POLL = 0.3
 
-
-@dataclass
-class RunningPod:
-    name: str
-    uid: str
-    namespace: str
-    directory: Path
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    started: bool = False  # every container started: status follows the processes
-    ever_ready: set[str] = field(default_factory=set)  # containers whose readiness probe passed
-    terminating: bool = False
-
-
-def pod_path(pod: Json) -> str:
-    return f"/api/v1/namespaces/{pod['metadata']['namespace']}/pods/{pod['metadata']['name']}"
-
-
-class PodRunner(threading.Thread):
-    """The scheduler and the kubelet for agent pods (see the module docstring)."""
-
-    POLL = 0.2
-
-    def __init__(
-        self,
-        api: Api,
-        images: Mapping[str, Image],
-        workdir: Path,
-        processes: Processes,
-    ) -> None:
-        super().__init__(name="pod-runner", daemon=True)
+    def __init__(self, api: Api) -> None:
+        super().__init__(name="pod-watch", daemon=True)
         self.api = api
-        self.images = images
-        self.workdir = workdir
-        self.processes = processes
-        self.pods: dict[str, RunningPod] = {}
-        self.specs: dict[str, Json] = {}  # every agent pod seen, by name, as created
-        self.ready: dict[str, set[str]] = {}  # by pod name: the containers that became Ready
+        self.specs: dict[str, Json] = {}  # every agent pod seen, by name, as first seen
+        self.ready: dict[str, set[str]] = {}  # by pod name: containers that were Ready
+        self.nodes: dict[str, str] = {}  # by pod name: the node it was bound to
+        self.running: list[frozenset[str]] = []  # each change of the agent pods Running
         self.errors: list[str] = []
         self._stopping = threading.Event()
 
     def run(self) -> None:
         while not self._stopping.wait(self.POLL):
             try:
-                self.sync()
+                listing = self.api.call(
+                    "GET", "/api/v1/pods?labelSelector=workflows.argoproj.io%2Fcomponent%3Dagent"
+                )
             except (OSError, LoopError) as error:
-                self.errors.append(f"pod runner: {error}")
+                self.errors.append(f"pod watch: {error}")
+                continue
+            items = listing.get("items", [])
+            running = frozenset(
+                pod["metadata"]["name"]
+                for pod in items
+                if pod.get("status", {}).get("phase") == "Running"
+            )
+            if not self.running or self.running[-1] != running:
+                self.running.append(running)
+            for pod in items:
+                name = pod["metadata"]["name"]
+                self.specs.setdefault(name, pod)
+                if pod["spec"].get("nodeName"):
+                    self.nodes[name] = pod["spec"]["nodeName"]
+                statuses = pod.get("status", {}).get("containerStatuses") or []
+                self.ready.setdefault(name, set()).update(
+                    status["name"] for status in statuses if status.get("ready")
+                )
 
     def stop(self) -> None:
         self._stopping.set()
         self.join()
-        for pod in list(self.pods.values()):
-            self.kill(pod)
-
-    def sync(self) -> None:
-        listing = self.api.call(
-            "GET",
-            "/api/v1/pods?labelSelector=workflows.argoproj.io%2Fcomponent%3Dagent",
-        )
-        seen = set()
-        for pod in listing.get("items", []):
-            name = pod["metadata"]["name"]
-            seen.add(name)
-            running = self.pods.get(name)
-            if running is None:
-                self.specs[name] = pod
-                metadata = pod["metadata"]
-                running = self.pods[name] = RunningPod(
-                    name, metadata["uid"], metadata["namespace"], self.workdir / "pods" / name
-                )
-                self.ready[name] = running.ever_ready
-                # Once per pod, as a kubelet would not retry a pod it could not set up either.
-                try:
-                    self.start_pod(pod, running)
-                except (OSError, LoopError) as error:
-                    self.errors.append(f"pod {name}: {error}")
-            elif pod["metadata"].get("deletionTimestamp") and not running.terminating:
-                running.terminating = True
-                threading.Thread(target=self.terminate, args=(running,), daemon=True).start()
-            elif running.started:
-                self.report(pod, running)
-        for name in set(self.pods) - seen:
-            self.kill(self.pods.pop(name))
-
-    # Scheduling and status ####
-
-    def start_pod(self, pod: Json, running: RunningPod) -> None:
-        name, directory = running.name, running.directory
-        directory.mkdir(parents=True)
-        self.api.call(
-            "POST",
-            f"{pod_path(pod)}/binding",
-            {
-                "apiVersion": "v1",
-                "kind": "Binding",
-                "metadata": {"name": name},
-                "target": {"kind": "Node", "name": "loop"},
-            },
-        )
-        volumes = self.write_volumes(pod, directory)
-        hosts = directory / "hosts"
-        hosts.write_text(
-            f"127.0.0.1\tlocalhost\n127.0.0.1\t{name}\n"
-            f"{MOCK_ADDRESS[0]}\t{DRIVER_HOST} {DRIVER_HOST}.svc {DRIVER_HOST}.svc.cluster.local\n"
-        )
-        self.patch_status(pod, "Pending", {})
-        for container in pod["spec"].get("initContainers", []):
-            process = self.start_container(pod, container, volumes, hosts, running)
-            del running.processes[container["name"]]  # done before the pod runs
-            if process.wait(120) != 0:
-                self.patch_status(
-                    pod, "Failed", {container["name"]: ("terminated", process.returncode)}
-                )
-                return
-        for container in pod["spec"]["containers"]:
-            self.start_container(pod, container, volumes, hosts, running)
-        running.started = True
-        self.report(pod, running)
-
-    def report(self, pod: Json, running: RunningPod) -> None:
-        states = {}
-        for name, process in running.processes.items():
-            code = process.poll()
-            states[name] = ("running", None) if code is None else ("terminated", code)
-        ready = {
-            container["name"]
-            for container in pod["spec"]["containers"]
-            if states.get(container["name"], ("",))[0] == "running" and self.probe(container)
-        }
-        running.ever_ready |= ready
-        current = {s["name"]: s for s in pod.get("status", {}).get("containerStatuses", [])}
-        changed = ready != {name for name, status in current.items() if status.get("ready")} or any(
-            ("terminated" in current.get(name, {}).get("state", {})) != (state == "terminated")
-            for name, (state, _) in states.items()
-        )
-        if pod.get("status", {}).get("phase") != "Running" or changed:
-            self.patch_status(pod, "Running", states, ready)
-
-    @staticmethod
-    def probe(container: Json) -> bool:
-        """The container's readiness probe, as the kubelet runs an httpGet one (none: ready)."""
-        get = (container.get("readinessProbe") or {}).get("httpGet")
-        if not get:
-            return True
-        connection = http.client.HTTPConnection("127.0.0.1", int(get["port"]), timeout=1)
-        try:
-            connection.request("GET", get.get("path", "/"))
-            return 200 <= connection.getresponse().status < 400
-        except OSError:
-            return False
-        finally:
-            connection.close()
-
-    def patch_status(
-        self,
-        pod: Json,
-        phase: str,
-        states: Mapping[str, tuple[str, int | None]],
-        ready: Set[str] = frozenset(),
-    ) -> None:
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        statuses = []
-        for container in pod["spec"]["containers"]:
-            state, code = states.get(container["name"], ("waiting", None))
-            detail: Json = (
-                {"startedAt": now}
-                if state == "running"
-                else {"exitCode": code, "finishedAt": now}
-                if state == "terminated"
-                else {"reason": "ContainerCreating"}
-            )
-            statuses.append(
-                {
-                    "name": container["name"],
-                    "image": container["image"],
-                    "imageID": "",
-                    "ready": container["name"] in ready,
-                    "restartCount": 0,
-                    "started": state == "running",
-                    "state": {state: detail},
-                }
-            )
-        body = {
-            "status": {
-                "phase": phase,
-                "hostIP": "127.0.0.1",
-                "podIP": "127.0.0.1",
-                "startTime": now,
-                "containerStatuses": statuses,
-            }
-        }
-        path = f"{pod_path(pod)}/status"
-        status, answer = self.api.request("PATCH", path, body, "application/merge-patch+json")
-        # 404: the pod went between the listing and this patch (deleted with grace period 0).
-        if status != 404:
-            refuse("PATCH", path, status, answer)
-
-    # Volumes and containers ####
-
-    def write_volumes(self, pod: Json, directory: Path) -> dict[str, Path]:
-        volumes: dict[str, Path] = {}
-        for volume in pod["spec"].get("volumes", []):
-            path = directory / "volumes" / volume["name"]
-            path.mkdir(parents=True)
-            if "emptyDir" in volume:
-                path.chmod(0o777)  # as the kubelet makes an emptyDir
-            elif "secret" in volume:
-                secret_path = (
-                    f"/api/v1/namespaces/{pod['metadata']['namespace']}/secrets/"
-                    f"{volume['secret']['secretName']}"
-                )
-
-                def filled(path: str = secret_path) -> Json | None:
-                    # The token controller fills it in; the kubelet waits for it as well.
-                    secret = self.api.get(path)
-                    return secret if secret and secret.get("data", {}).get("token") else None
-
-                secret = wait_for(f"{secret_path} with a token", filled, 60)
-                mode = volume["secret"].get("defaultMode", 0o644)
-                for key, value in secret["data"].items():
-                    (path / key).write_bytes(base64.b64decode(value))
-                    (path / key).chmod(mode)
-            else:
-                raise LoopError(
-                    f"pod {pod['metadata']['name']}: the runner cannot make volume "
-                    f"{volume['name']} ({sorted(volume)})"
-                )
-            volumes[volume["name"]] = path
-        return volumes
-
-    def start_container(
-        self,
-        pod: Json,
-        container: Json,
-        volumes: Mapping[str, Path],
-        hosts: Path,
-        running: RunningPod,
-    ) -> subprocess.Popen[bytes]:
-        image = self.images.get(container["image"])
-        if image is None:
-            raise LoopError(
-                f"pod {running.name}: no local program stands for image {container['image']}"
-            )
-        pod_context = pod["spec"].get("securityContext") or {}
-        context = container.get("securityContext") or {}
-        uid = int(context.get("runAsUser", pod_context.get("runAsUser", 0)))
-        # Without runAsGroup the runtime takes the uid's group from the image's /etc/passwd,
-        # and group 0 for a uid it does not list (8737 in Argo's and our images).
-        group = context.get("runAsGroup", pod_context.get("runAsGroup"))
-        gid = int(group) if group is not None else DISTROLESS_GROUPS.get(uid, 0)
-        run = os.path.realpath("/var/run")
-        mounts = [f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(run)}"]
-
-        def bind(source: Path, target: str, read_only: bool) -> None:
-            target = (
-                target.replace("/var/run", run, 1) if target.startswith("/var/run/") else target
-            )
-            if not target.startswith(run + "/"):
-                raise LoopError(
-                    f"pod {running.name}: the runner only mounts under /var/run, not {target}"
-                )
-            quoted = shlex.quote(target)
-            mounts.append(
-                f"mkdir -p {quoted}"
-                if source.is_dir()
-                else f"mkdir -p $(dirname {quoted}) && touch {quoted}"
-            )
-            mounts.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}")
-            if read_only:
-                mounts.append(f"mount -o remount,bind,ro {shlex.quote(target)}")
-
-        for mount in container.get("volumeMounts", []):
-            source = volumes[mount["name"]]
-            if mount.get("subPath"):
-                source = source / mount["subPath"]
-                source.mkdir(exist_ok=True)
-            bind(source, mount["mountPath"], bool(mount.get("readOnly")))
-        for target, source in image.files.items():
-            bind(source, target, True)
-        mounts.append(f"mount --bind {shlex.quote(str(hosts))} /etc/hosts")
-        if context.get("readOnlyRootFilesystem"):
-            mounts.append("mount -o remount,bind,ro /")
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOSTNAME": running.name,
-            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-            "KUBERNETES_SERVICE_PORT": self.api.credentials.server.rsplit(":", 1)[1],
-        }
-        env.update({e["name"]: e.get("value", "") for e in container.get("env", [])})
-        command = list(container.get("command") or image.entrypoint)
-        command[0] = image.commands.get(command[0], command[0])
-        argv = command + list(container.get("args", []))
-        script = " && ".join(
-            [
-                *mounts,
-                f"cd {shlex.quote(image.workdir)}",
-                "exec "
-                + shlex.join(
-                    [
-                        "setpriv",
-                        f"--reuid={uid}",
-                        f"--regid={gid}",
-                        "--clear-groups",
-                        "--pdeathsig=KILL",
-                        "env",
-                        "-i",
-                        *(f"{k}={v}" for k, v in env.items()),
-                        *argv,
-                    ]
-                ),
-            ]
-        )
-        process = self.processes.start(
-            f"{running.name}.{container['name']}",
-            ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script],
-        )
-        running.processes[container["name"]] = process
-        return process
-
-    # Deletion ####
-
-    def terminate(self, running: RunningPod) -> None:
-        """Graceful deletion: SIGTERM every container, then confirm with grace period 0."""
-        for process in running.processes.values():
-            self.processes.stop(process, grace=30)
-        self.api.request(
-            "DELETE",
-            f"/api/v1/namespaces/{running.namespace}/pods/{running.name}",
-            {"gracePeriodSeconds": 0, "preconditions": {"uid": running.uid}},
-        )
-
-    def kill(self, running: RunningPod) -> None:
-        for process in running.processes.values():
-            self.processes.stop(process, grace=5)
 
 
 # Installing, as an operator would ###########################################################
@@ -729,12 +453,76 @@ def install(cluster: Cluster, argo_manifests: Path) -> None:
         "ARGO_EXECUTOR_PLUGINS=true",
         "DEFAULT_REQUEUE_TIME=1s",
     )
+    # The controller runs on the host: its metrics server's fixed :9090 would collide with any
+    # other controller on the machine (a second loop, say), and nothing here reads it.
+    kubectl(
+        "-n",
+        ARGO_NAMESPACE,
+        "patch",
+        "configmap",
+        "workflow-controller-configmap",
+        "--type=merge",
+        "-p",
+        json.dumps({"data": {"metricsConfig": "enabled: false\n"}}),
+    )
     kubectl("apply", "-k", str(ROOT / "deploy/controller-rbac-fix/argo"))
     kubectl("create", "namespace", PROFILE)
     # Kubeflow's account first, as in a real profile: the token controller deletes a token
     # Secret whose service account does not exist yet (rbac.yaml's default-editor Secret).
     for manifest in FOR_PROFILE:
         kubectl("-n", PROFILE, "apply", "-f", str(ROOT / manifest))
+
+
+def install_services(api: Api) -> None:
+    """Cluster DNS's Service and the driver's: each a Service without a selector and the
+    EndpointSlice for its program on the node's bridge (CoreDNS, the mock driver server), so
+    the plugin's own URL (http://ml-pipeline-driver.kubeflow:8080) resolves and connects as in a
+    cluster. kube-proxy turns each Service address into its endpoint."""
+    services: tuple[tuple[str, str, str | None, list[tuple[str, int, str]]], ...] = (
+        (
+            "kube-system",
+            "kube-dns",
+            real_node.DNS_SERVICE_IP,
+            [("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+        ),
+        ("kubeflow", "ml-pipeline-driver", None, [("http", MOCK_ADDRESS[1], "TCP")]),
+    )
+    for namespace, name, address, ports in services:
+        if api.get(f"/api/v1/namespaces/{namespace}") is None:
+            api.call("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+        spec: Json = {"ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports]}
+        if address:
+            spec["clusterIP"] = address
+        api.call(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/services",
+            {"metadata": {"name": name}, "spec": spec},
+        )
+        api.call(
+            "POST",
+            f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+            {
+                "metadata": {
+                    "name": f"{name}-loop",
+                    "labels": {
+                        "kubernetes.io/service-name": name,
+                        "endpointslice.kubernetes.io/managed-by": "loop.driver-plugin",
+                    },
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
+                "endpoints": [{"addresses": [real_node.GATEWAY], "conditions": {"ready": True}}],
+            },
+        )
+
+
+def http_status(host: str, port: int, path: str) -> int:
+    connection = http.client.HTTPConnection(host, port, timeout=2)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def argo_manifests(go: str, version: str) -> Path:
@@ -967,13 +755,17 @@ def check_agent_pod(pod: Json, plugin_image: str) -> list[str]:
     return problems
 
 
-def check_pod_spec_patch(cluster: Cluster, api: Api) -> tuple[list[str], str]:
-    """The container driver's pod-spec-patch reaches the executor pod the controller creates.
+def check_pod_spec_patch(
+    cluster: Cluster, api: Api, node: real_node.Node, timeout: float
+) -> tuple[list[str], str]:
+    """The container driver's pod-spec-patch reaches the executor pod the controller creates,
+    and the node runs that pod to completion.
 
     e2e's dag-succeeds workflow with cached-decision "false": the controller must create the
-    executor pod with the image and command of the driver's patch, not the placeholders. The
-    pod is never run (no pod runner for executor pods); the workflow is deleted once its spec is
-    read, and the garbage collector removes its pods.
+    executor pod with the image and command of the driver's patch, not the placeholders; the
+    kubelet runs it (Argo's init and wait containers from the argoexec image, `main` from
+    busybox through Argo's emissary) and the workflow succeeds. Then the workflow is deleted
+    and the garbage collector removes its pods.
     """
     created = cluster.create_workflow(PROFILE, "e2e/workflows/dag-succeeds.yaml")
     name = created["metadata"]["name"]
@@ -985,18 +777,40 @@ def check_pod_spec_patch(cluster: Cluster, api: Api) -> tuple[list[str], str]:
         items = api.call("GET", f"/api/v1/namespaces/{PROFILE}/pods?labelSelector={selector}")
         return next(iter(items.get("items", [])), None)
 
+    path = f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{name}"
+
+    def finished() -> Json | None:
+        found = api.get(path) or {}
+        phase = found.get("status", {}).get("phase")
+        return found if phase in ("Succeeded", "Failed", "Error") else None
+
+    problems = []
     try:
         pod: Json = wait_for(f"the executor pod of {name}", executor_pod, 90)
-        workflow = api.call(
-            "GET", f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{name}"
-        )
+        try:
+            workflow: Json = wait_for(f"workflow {name} to finish", finished, timeout, 0.5)
+        except LoopError as error:
+            problems.append(str(error))
+            workflow = api.call("GET", path)
     except LoopError as error:
         return [str(error)], ""
     finally:
+        log = "".join(
+            node.container_log(PROFILE, p["metadata"]["name"], "main")
+            for p in (
+                api.call("GET", f"/api/v1/namespaces/{PROFILE}/pods?labelSelector={selector}")
+            ).get("items", [])
+        )
         cluster.kubectl("-n", PROFILE, "delete", "workflow", name, "--wait=false")
-    problems = []
+    if workflow.get("status", {}).get("phase") != "Succeeded":
+        problems.append(
+            f"phase {workflow.get('status', {}).get('phase')!r}, expected 'Succeeded' "
+            f"(message {workflow.get('status', {}).get('message')!r})"
+        )
+    if "hello world" not in log:
+        problems.append(f"the executor's main logged {log[-300:]!r}, not 'hello world'")
     everything = urllib.parse.quote(f"workflows.argoproj.io/workflow={name}")
-    try:  # the garbage collector deletes both pods; the runner stops the agent pod's processes
+    try:  # the garbage collector deletes both pods; the kubelet stops their containers
         wait_for(
             f"the pods of deleted {name} to go",
             lambda: (
@@ -1016,7 +830,8 @@ def check_pod_spec_patch(cluster: Cluster, api: Api) -> tuple[list[str], str]:
     patch = json.loads(outputs.get("pod-spec-patch") or "{}").get("containers", [{}])[0]
     main: Json = next((c for c in pod["spec"]["containers"] if c["name"] == "main"), {})
     observed = (
-        f"main: {main.get('image')} {shlex.join([*main.get('command', []), *main.get('args', [])])}"
+        f"{workflow.get('status', {}).get('phase')}; main: {main.get('image')} "
+        f"{shlex.join([*main.get('command', []), *main.get('args', [])])}"
     )
     if outputs.get("cached-decision") != "false" or not patch:
         problems.append(
@@ -1038,10 +853,394 @@ def check_pod_spec_patch(cluster: Cluster, api: Api) -> tuple[list[str], str]:
     return problems, observed
 
 
+def check_side_by_side(
+    cluster: Cluster, api: Api, watch: PodWatch, timeout: float
+) -> tuple[list[str], str]:
+    """Two workflows at once: two agent pods on the node, each with its own sidecar."""
+    created = [cluster.create_workflow(PROFILE, CASES[0].file) for _ in range(2)]
+    problems, phases = [], []
+    for workflow in created:
+        name = workflow["metadata"]["name"]
+        path = f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{name}"
+
+        def finished(path: str = path) -> str | None:
+            phase = ((api.get(path) or {}).get("status") or {}).get("phase")
+            return phase if phase in ("Succeeded", "Failed", "Error") else None
+
+        try:
+            phases.append(wait_for(f"workflow {name} to finish", finished, timeout, 0.5))
+        except LoopError as error:
+            problems.append(str(error))
+    names = {w["metadata"]["name"] for w in created}
+    ours = {
+        pod
+        for pod, spec in watch.specs.items()
+        if spec["metadata"]["labels"].get("workflows.argoproj.io/workflow") in names
+    }
+    together = max((len(ours & running) for running in watch.running), default=0)
+    if phases != ["Succeeded", "Succeeded"]:
+        problems.append(f"phases {phases}, expected two Succeeded")
+    if together < 2:
+        problems.append(f"at most {together} agent pod(s) Running at once, expected 2")
+    return problems, f"{' '.join(phases)}, {together} agent pods Running at once"
+
+
+# Faults a cluster brings #####################################################################
+
+SLOW = "loop/workflows/slow-15s.yaml"  # one driver call the mock answers after 15 s
+SLOW_KEY = "ROOT_DAG/-1"
+
+
+@dataclass
+class InFlight:
+    """A slow workflow whose driver call has started, and its agent pod."""
+
+    name: str
+    uid: str
+    pod: str
+
+    @property
+    def workflow_path(self) -> str:
+        return f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{self.name}"
+
+    @property
+    def pod_path(self) -> str:
+        return f"/api/v1/namespaces/{PROFILE}/pods/{self.pod}"
+
+
+def start_slow(cluster: Cluster, watch: PodWatch) -> InFlight:
+    created = cluster.create_workflow(PROFILE, SLOW)
+    name, uid = created["metadata"]["name"], created["metadata"]["uid"]
+    wait_for(
+        f"the driver call of {name} to start",
+        lambda: mock_executions().get(f"{uid}/{SLOW_KEY}", 0) >= 1,
+        90,
+    )
+    pod: str = wait_for(
+        f"the agent pod of {name}",
+        lambda: next(
+            (
+                pod
+                for pod, spec in watch.specs.items()
+                if spec["metadata"]["labels"].get("workflows.argoproj.io/workflow") == name
+            ),
+            None,
+        ),
+        30,
+    )
+    return InFlight(name, uid, pod)
+
+
+def sidecar(pod: Json | None) -> Json:
+    statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
+    return next((s for s in statuses if s["name"] == "driver-plugin"), {})
+
+
+def finish(api: Api, flight: InFlight, timeout: float) -> str:
+    def phase() -> str | None:
+        found = ((api.get(flight.workflow_path) or {}).get("status") or {}).get("phase")
+        return found if found in ("Succeeded", "Failed", "Error") else None
+
+    try:
+        return str(wait_for(f"workflow {flight.name} to finish", phase, timeout, 0.5))
+    except LoopError:
+        return "unfinished"
+
+
+def check_sidecar_killed(
+    cluster: Cluster, api: Api, watch: PodWatch, node: real_node.Node, timeout: float
+) -> tuple[list[str], str]:
+    """SIGKILL the sidecar's process while a driver call is in flight: the kubelet restarts
+    the container (the agent pod's restartPolicy is OnFailure), it becomes Ready again, and the
+    workflow still succeeds, and the driver ran once: the agent's re-send to the restarted
+    plugin carries the same Idempotency-Key, which the mock joins or replays."""
+    flight = start_slow(cluster, watch)
+    # The kubelet's status can trail the call by a moment: wait until it names the container.
+    status: Json = wait_for(
+        "the sidecar's container in the pod's status",
+        lambda: (
+            (found := sidecar(api.get(flight.pod_path))).get("containerID")
+            and "running" in found.get("state", {})
+            and found
+        ),
+        30,
+    )
+    container = str(status["containerID"]).partition("://")[2]
+    os.kill(node.task_pid(container), signal.SIGKILL)
+    problems = []
+    try:
+        restarted: Json = wait_for(
+            "the kubelet to restart the killed sidecar and see it Ready",
+            lambda: (
+                (s := sidecar(api.get(flight.pod_path))).get("restartCount", 0) >= 1
+                and s.get("ready")
+                and s
+            ),
+            90,
+        )
+    except LoopError as error:
+        problems.append(str(error))
+        restarted = sidecar(api.get(flight.pod_path))
+    code = restarted.get("lastState", {}).get("terminated", {}).get("exitCode")
+    if code != 137:
+        problems.append(f"the killed sidecar's last state: {restarted.get('lastState')}")
+    phase = finish(api, flight, timeout)
+    if phase != "Succeeded":
+        problems.append(f"workflow {flight.name} ended {phase}, expected Succeeded")
+    executed = mock_executions().get(f"{flight.uid}/{SLOW_KEY}", 0)
+    if executed != 1:
+        problems.append(f"the driver executed {executed} times, expected once")
+    observed = (
+        f"{phase}; sidecar exit {code}, restartCount {restarted.get('restartCount')}, Ready "
+        f"again; driver executed {executed}x"
+    )
+    return problems, observed
+
+
+def check_probe_flood(
+    cluster: Cluster, api: Api, watch: PodWatch, timeout: float
+) -> tuple[list[str], str]:
+    """64 idle connections to the sidecar from another pod while a call is in flight: the
+    plugin turns away all but 16 from that peer, the node's probes (from the bridge address)
+    still pass, nothing restarts, the workflow succeeds."""
+    flight = start_slow(cluster, watch)
+    address: str = wait_for(
+        f"the address of {flight.pod}",
+        lambda: (api.get(flight.pod_path) or {}).get("status", {}).get("podIP"),
+        30,
+    )
+    flood = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "flood", "namespace": "default"},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 0,
+            "securityContext": {"runAsUser": 65534},
+            "containers": [
+                {
+                    "name": "flood",
+                    "image": real_node.BUSYBOX_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": [
+                        "sh",
+                        "-c",
+                        f"for i in $(seq 64); do sleep 60 | nc {address} 7581 & done; wait",
+                    ],
+                }
+            ],
+        },
+    }
+    pods = "/api/v1/namespaces/default/pods"
+    api.call("POST", pods, flood)
+    problems = []
+    healthy = failed = 0
+    try:
+        wait_for(
+            "the flood pod to run",
+            lambda: (api.get(f"{pods}/flood") or {}).get("status", {}).get("phase") == "Running",
+            60,
+        )
+        time.sleep(2)
+        # As the kubelet probes: GET /healthz from the node, every second, while flooded.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                ok = http_status(address, 7581, "/healthz") == 200
+            except OSError:
+                ok = False
+            healthy, failed = healthy + ok, failed + (not ok)
+            time.sleep(1)
+    except LoopError as error:
+        problems.append(str(error))
+    finally:
+        api.request("DELETE", f"{pods}/flood", {"gracePeriodSeconds": 0})
+    status = sidecar(api.get(flight.pod_path))
+    if failed:
+        problems.append(f"/healthz failed {failed} of {healthy + failed} times under the flood")
+    if status.get("restartCount", 0):
+        problems.append(f"the sidecar restarted {status.get('restartCount')} times")
+    phase = finish(api, flight, timeout)
+    if phase != "Succeeded":
+        problems.append(f"workflow {flight.name} ended {phase}, expected Succeeded")
+    observed = (
+        f"{phase}; /healthz {healthy}/{healthy + failed} under 64 idle connections, "
+        f"restartCount {status.get('restartCount', 0)}"
+    )
+    return problems, observed
+
+
+def check_deleted_mid_call(
+    cluster: Cluster, api: Api, watch: PodWatch, node: real_node.Node
+) -> tuple[list[str], str]:
+    """Delete the workflow while its driver call is in flight: the garbage collector deletes
+    the agent pod, the kubelet sends SIGTERM, and the plugin drains: it waits for the call in
+    flight before it exits (its log's last word, read from the kubelet's pod logs)."""
+    flight = start_slow(cluster, watch)
+    deleted = time.time()
+    cluster.kubectl("-n", PROFILE, "delete", "workflow", flight.name, "--wait=false")
+    log = ""
+    last: Json = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        log = max(log, node.container_log(PROFILE, flight.pod, "driver-plugin"), key=len)
+        found = api.get(flight.pod_path)
+        if found is None:
+            break
+        last = sidecar(found) or last
+        time.sleep(0.2)
+    problems = []
+    stopped = [line for line in log.splitlines() if '"msg":"stopped"' in line]
+    if not stopped:
+        problems.append(f"the sidecar logged no stop: {log[-300:]!r}")
+    elif '"drained":true' not in stopped[-1]:
+        problems.append(f"the sidecar stopped without draining: {stopped[-1][-200:]}")
+    code = last.get("state", {}).get("terminated", {}).get("exitCode")
+    observed = "SIGTERM by the kubelet; no stop logged"
+    if stopped:
+        record = json.loads(stopped[-1].split(" F ", 1)[-1])
+        at = datetime.datetime.fromisoformat(record["ts"].replace("Z", "+00:00")).timestamp()
+        observed = (
+            f"SIGTERM by the kubelet; stopped {at - deleted:.1f} s after the delete, "
+            f"drained={json.dumps(record.get('drained'))}"
+        )
+    if code not in (None, 0):
+        problems.append(f"the sidecar exited {code}")
+    return problems, observed
+
+
+# Driver pods against the plugin ##############################################################
+
+STEPS = 10
+OUTPUT_PATHS = ("cached-decision", "condition", "pod-spec-patch")
+
+
+def ten_steps(mode: str) -> Json:
+    """A 10-step pipeline's drivers, one after the other: each step one CONTAINER driver call
+    with its own task name. "plugin": each a driver-plugin template (the agent pod and our
+    sidecar make them all); "pods": each a driver pod, as KFP's released compiler runs drivers,
+    here a busybox stand-in that POSTs the same body the agent sends to the mock through the
+    same Service (one pod per step, with Argo's init and wait containers)."""
+    sys.path.insert(0, str(ROOT))
+    import mock_driver_server  # noqa: PLC0415 - the repository's mock, beside this harness
+
+    task = {
+        "cachingOptions": {},
+        "componentRef": {"name": "comp-echo"},
+        "taskInfo": {"name": "echo"},
+    }
+    body = json.loads(
+        mock_driver_server.agent_body(
+            "CONTAINER",
+            uid="{{workflow.uid}}",
+            workflow_name="{{workflow.name}}",
+            namespace="{{workflow.namespace}}",
+            task_name="{{inputs.parameters.task-name}}",
+            task=task,
+        )
+    )
+    args = body["template"]["plugin"]["driver-plugin"]["args"]
+    if mode == "plugin":
+        template: Json = {
+            "plugin": {"driver-plugin": {"args": args}},
+            "outputs": {
+                "parameters": [
+                    {"name": name, "valueFrom": {"jsonPath": f"$.{name}", "default": ""}}
+                    for name in OUTPUT_PATHS
+                ]
+            },
+        }
+    else:
+        text = json.dumps(body, separators=(",", ":"))
+        for name in OUTPUT_PATHS:  # a pod has no output paths: the driver writes files there
+            text = text.replace(f"{{{{outputs.parameters.{name}.path}}}}", f"/kfp/outputs/{name}")
+        template = {
+            "container": {
+                "image": real_node.BUSYBOX_IMAGE,
+                "command": ["wget"],
+                "args": [
+                    "-q", "-O", "-",
+                    "--header", "Content-Type: application/json",
+                    "--header", "Authorization: Bearer loop-driver-pod",
+                    "--post-data", text,
+                    f"http://{DRIVER_HOST}:{MOCK_ADDRESS[1]}/api/v1/template.execute",
+                ],
+            }
+        }  # fmt: skip
+    template.update({"name": "driver", "inputs": {"parameters": [{"name": "task-name"}]}})
+    tasks = [
+        {
+            "name": f"step-{i}",
+            "template": "driver",
+            "arguments": {"parameters": [{"name": "task-name", "value": f"step-{i}"}]},
+            **({"depends": f"step-{i - 1}.Succeeded"} if i else {}),
+        }
+        for i in range(STEPS)
+    ]
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"generateName": f"loop-ten-{mode}-"},
+        "spec": {
+            "entrypoint": "pipeline",
+            "serviceAccountName": WORKFLOW_ACCOUNT,
+            "activeDeadlineSeconds": 600,
+            "templates": [{"name": "pipeline", "dag": {"tasks": tasks}}, template],
+        },
+    }
+
+
+def measure_driver_pods(api: Api, watch: PodWatch, timeout: float) -> tuple[list[str], list[str]]:
+    """The same 10 driver calls by driver pods and through the plugin: pods created and
+    seconds per step (creation to finish over 10), with the controller's 1 s requeue. Both must
+    succeed with 10 driver executions."""
+    problems, rows = [], []
+    for mode in ("pods", "plugin"):
+        created = api.call(
+            "POST", f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows", ten_steps(mode)
+        )
+        name, uid = created["metadata"]["name"], created["metadata"]["uid"]
+        path = f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{name}"
+        started = time.monotonic()
+
+        def finished(path: str = path) -> Json | None:
+            found = api.get(path) or {}
+            done = found.get("status", {}).get("phase") in ("Succeeded", "Failed", "Error")
+            return found if done else None
+
+        try:
+            workflow: Json = wait_for(f"workflow {name} to finish", finished, timeout * 3, 0.5)
+        except LoopError as error:
+            problems.append(str(error))
+            continue
+        seconds = time.monotonic() - started
+        selector = urllib.parse.quote(f"workflows.argoproj.io/workflow={name}")
+        pods = api.call("GET", f"/api/v1/namespaces/{PROFILE}/pods?labelSelector={selector}")
+        # The agent pod is gone once the workflow is done: the watch saw it.
+        count = len(
+            {pod["metadata"]["name"] for pod in pods.get("items", [])}
+            | {
+                pod
+                for pod, spec in watch.specs.items()
+                if spec["metadata"]["labels"].get("workflows.argoproj.io/workflow") == name
+            }
+        )
+        executed = sum(n for key, n in mock_executions().items() if key.startswith(f"{uid}/"))
+        phase = workflow["status"]["phase"]
+        if phase != "Succeeded" or executed != STEPS:
+            problems.append(f"{mode}: {phase}, {executed} driver executions, expected {STEPS}")
+        rows.append(f"{mode}: {phase}, {count} pods, {seconds:.1f} s, {seconds / STEPS:.2f} s/step")
+        refuse("DELETE", path, *api.request("DELETE", path))
+    return problems, rows
+
+
 NO_ROLE = "kubeflow-user-no-agent-role"
 
 
-def check_agent_refused(cluster: Cluster, runner: PodRunner) -> tuple[list[str], str]:
+def check_agent_refused(
+    cluster: Cluster, watch: PodWatch, node: real_node.Node
+) -> tuple[list[str], str]:
     """In a profile where rbac.yaml's agent Role is missing, the apiserver refuses the real agent.
 
     The namespace gets everything else (Kubeflow's account, the plugin's account and both token
@@ -1057,9 +1256,10 @@ def check_agent_refused(cluster: Cluster, runner: PodRunner) -> tuple[list[str],
     name, uid = created["metadata"]["name"], created["metadata"]["uid"]
 
     def refusal() -> str | None:
-        pods = [p for p in runner.specs.values() if p["metadata"]["namespace"] == NO_ROLE]
+        pods = [p for p in watch.specs.values() if p["metadata"]["namespace"] == NO_ROLE]
         for pod in pods:
-            for line in cluster.processes.tail(f"{pod['metadata']['name']}.main", 200).splitlines():
+            log = node.container_log(NO_ROLE, pod["metadata"]["name"], "main")
+            for line in log.splitlines():
                 if "forbidden" in line and "workflowtasksets" in line:
                     return line
         return None
@@ -1072,6 +1272,105 @@ def check_agent_refused(cluster: Cluster, runner: PodRunner) -> tuple[list[str],
         cluster.kubectl("-n", NO_ROLE, "delete", "workflow", name, "--wait=false")
     executed = sum(n for key, n in mock_executions().items() if key.startswith(f"{uid}/"))
     return ([f"the refused agent still drove {executed} calls"] if executed else []), evidence
+
+
+# The node ###################################################################################
+
+BUSYBOX_REPORT = (
+    'echo "uid=$(id -u) gid=$(id -g)'
+    " ip=$(ip -4 -o addr show dev eth0 | awk '{print $4}')"
+    " memory=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes)"
+    f" driver=$(wget -q -O /dev/null http://{DRIVER_HOST}:{MOCK_ADDRESS[1]}/calls"
+    ' && echo reached)" > /dev/termination-log'
+)
+
+
+def check_node(api: Api, node: real_node.Node) -> tuple[list[str], str]:
+    """The real kubelet's node is Ready and runs one busybox pod to completion.
+
+    The pod (no scheduler: its nodeName is set) runs as uid 8737 with a 64Mi limit and reports
+    what it got from the runtime in its termination message: the uid and group (8737:0, as the
+    image's /etc/passwd does not list 8737), its address from the CNI bridge's range, and the
+    memory cgroup's limit.
+    """
+    path = f"/api/v1/nodes/{real_node.NODE_NAME}"
+
+    def ready() -> Json | None:
+        found = api.get(path)
+        conditions = {
+            c["type"]: c["status"] for c in (found or {}).get("status", {}).get("conditions", [])
+        }
+        return found if conditions.get("Ready") == "True" else None
+
+    try:
+        node.wait(f"node {real_node.NODE_NAME} to be Ready", ready, 90)
+    except real_node.NodeError as error:
+        return [str(error)], ""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "busybox", "namespace": "default"},
+        "spec": {
+            "nodeName": real_node.NODE_NAME,
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsUser": PLUGIN_UID},
+            "containers": [
+                {
+                    "name": "busybox",
+                    "image": real_node.BUSYBOX_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", BUSYBOX_REPORT],
+                    "resources": {"limits": {"memory": "64Mi"}},
+                }
+            ],
+        },
+    }
+    pods = "/api/v1/namespaces/default/pods"
+    # The service-account controller makes the namespace's "default" account soon after start.
+    wait_for(
+        "the default service account",
+        lambda: api.get("/api/v1/namespaces/default/serviceaccounts/default"),
+        60,
+    )
+    api.call("POST", pods, pod)
+
+    def finished() -> Json | None:
+        found = api.get(f"{pods}/busybox")
+        return found if found and found["status"].get("phase") in ("Succeeded", "Failed") else None
+
+    try:
+        done: Json = node.wait("the busybox pod to finish", finished, 90)
+    except real_node.NodeError as error:
+        found = api.get(f"{pods}/busybox") or {}
+        return [f"{error}: {json.dumps(found.get('status', {}))[:600]}"], ""
+    state = (done["status"].get("containerStatuses") or [{}])[0].get("state", {})
+    message = state.get("terminated", {}).get("message", "").strip()
+    observed = f"{done['status']['phase']} {message} podIP={done['status'].get('podIP')}"
+    report = dict(item.split("=", 1) for item in message.split() if "=" in item)
+    problems = []
+    expected = {
+        "uid": str(PLUGIN_UID),
+        "gid": "0",
+        "memory": str(64 * 1024 * 1024),
+        "driver": "reached",  # by name, through cluster DNS and the Service
+    }
+    for key, value in expected.items():
+        if report.get(key) != value:
+            problems.append(f"busybox pod: {key}={report.get(key)!r}, expected {value!r}")
+    prefix = real_node.POD_RANGE.rsplit(".", 1)[0] + "."
+    if done["status"]["phase"] != "Succeeded" or not report.get("ip", "").startswith(prefix):
+        problems.append(
+            f"busybox pod: {observed}, expected Succeeded with an address in {real_node.POD_RANGE}"
+        )
+    # Deleted as any pod is: the kubelet stops it and confirms the deletion.
+    api.call("DELETE", f"{pods}/busybox", {"gracePeriodSeconds": 1})
+    try:
+        node.wait("the busybox pod to go", lambda: api.get(f"{pods}/busybox") is None, 60)
+    except real_node.NodeError as error:
+        problems.append(str(error))
+    return problems, observed
 
 
 # Main #######################################################################################
@@ -1117,33 +1416,44 @@ def prime_hello_cache() -> None:
         raise LoopError(f"priming the mock's cache: {outputs}")
 
 
+def guarded(check: Callable[[], tuple[list[str], Any]]) -> tuple[list[str], Any]:
+    """A check that could not run (a timeout, the node refusing) is that row's failure, not the
+    end of the run: the rows after it still report."""
+    try:
+        return check()
+    except (LoopError, real_node.NodeError) as error:
+        return [str(error)], ""
+
+
 def run(args: argparse.Namespace, workdir: Path) -> int:
     processes = Processes(workdir)
-    runner: PodRunner | None = None
+    watch: PodWatch | None = None
+    node = real_node.Node(args.kube, workdir, processes.start, processes.stop)
     try:
-        cluster = Cluster(args.kube, workdir, processes)
+        node.prepare_network()
+        cluster = Cluster(args.kube, workdir, processes, node.token_file())
         api = cluster.start()
-        install(cluster, argo_manifests(args.go, args.argo_version))
+        server, ca = cluster.admin.server, cluster.admin.ca
         plugin_image = read_plugin_image()
         executor_image = f"quay.io/argoproj/argoexec:{args.argo_version}"
-        python = sys.executable
-        images = {
-            executor_image: Image(
-                ("argoexec",),
-                {"/var/run/image/argoexec": args.argo_bin / "argoexec"},
-                commands={"argoexec": "/var/run/image/argoexec"},
-            ),
-            # python3 from the container's PATH: the pod's uid must be able to run it.
-            plugin_image: Image(
-                ("python3", "-m", "driver_plugin"),
-                {"/var/run/image/app/driver_plugin.py": ROOT / "driver_plugin.py"},
-                "/var/run/image/app",
-            ),
-        }
+        node.start(server, ca, free_port)
+        node.import_archive(args.plugin_image)
+        node.import_images([real_node.argoexec_image(executor_image, args.argo_bin / "argoexec")])
+        node.start_proxy(server, ca, free_port)
+        node.start_scheduler(server, ca)
+        install_services(api)
+        dns_ready = free_port()
+        node.start_dns(args.coredns, cluster.workdir / "admin.kubeconfig", dns_ready)
+        wait_for(
+            "CoreDNS /ready",
+            lambda: http_status("127.0.0.1", dns_ready, "/ready") == 200,
+            60,
+        )
+        install(cluster, argo_manifests(args.go, args.argo_version))
         processes.start(
             "mock-driver-server",
             [
-                python,
+                sys.executable,
                 str(ROOT / "mock_driver_server.py"),
                 "--host",
                 MOCK_ADDRESS[0],
@@ -1152,9 +1462,10 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             ],
         )
         wait_for("the mock driver server", mock_executions, 30)
+        node_problems, node_observed = check_node(api, node)
         start_controller(cluster, api, args.argo_bin, executor_image)
-        runner = PodRunner(api, images, workdir, processes)
-        runner.start()
+        watch = PodWatch(api)
+        watch.start()
         outcomes = []
         for case in CASES:
             if case.prime_cache:
@@ -1163,39 +1474,73 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             check_workflow(workflow, outcome, mock_executions())
             pods = [
                 pod
-                for pod in runner.specs.values()
+                for pod in watch.specs.values()
                 if pod["metadata"]["labels"].get("workflows.argoproj.io/workflow") == outcome.name
             ]
             if not pods:
                 outcome.problems.append("the controller created no agent pod")
             for pod in pods:
+                name = pod["metadata"]["name"]
                 outcome.problems += [f"agent pod: {p}" for p in check_agent_pod(pod, plugin_image)]
+                if watch.nodes.get(name) != real_node.NODE_NAME:
+                    outcome.problems.append(f"agent pod: on node {watch.nodes.get(name)!r}")
                 # /readyz answers 200 once uid 8737 can read the token the real init wrote.
-                if "driver-plugin" not in runner.ready.get(pod["metadata"]["name"], set()):
+                if "driver-plugin" not in watch.ready.get(name, set()):
                     outcome.problems.append(
                         "agent pod: the driver-plugin container never became Ready"
                     )
             outcomes.append(outcome)
-        patched, patched_main = check_pod_spec_patch(cluster, api)
-        rbac, refusal = check_agent_refused(cluster, runner)
+        patched, patched_main = check_pod_spec_patch(cluster, api, node, args.timeout)
+        paired, paired_observed = guarded(
+            lambda: check_side_by_side(cluster, api, watch, args.timeout)
+        )
+        faults = [
+            (
+                "sidecar killed mid-call",
+                "Succeeded",
+                *guarded(lambda: check_sidecar_killed(cluster, api, watch, node, args.timeout)),
+            ),
+            (
+                "64 idle connections",
+                "Succeeded",
+                *guarded(lambda: check_probe_flood(cluster, api, watch, args.timeout)),
+            ),
+            (
+                "deleted mid-call",
+                "drained",
+                *guarded(lambda: check_deleted_mid_call(cluster, api, watch, node)),
+            ),
+        ]
+        measured, measures = guarded(lambda: measure_driver_pods(api, watch, args.timeout))
+        rbac, refusal = check_agent_refused(cluster, watch, node)
         unsigned = mock_executions().get("_bearer_absent", 0)
-    except LoopError as error:
+    except (LoopError, real_node.NodeError) as error:
         print(f"make loop: {error}", file=sys.stderr)
-        for name in ("kube-apiserver", "workflow-controller"):
+        for name in (
+            "kube-apiserver", "workflow-controller", "containerd", "kubelet", "kube-proxy",
+            "coredns",
+        ):  # fmt: skip
             print(f"--- {name} (last lines):\n{processes.tail(name)}", file=sys.stderr)
         return 1
     finally:
         try:
-            if runner is not None:
-                runner.stop()
+            if watch is not None:
+                watch.stop()
         finally:
-            processes.stop_all()
+            try:
+                node.stop()
+            finally:
+                processes.stop_all()
     failures = (
         [f"{o.case.file}: {p}" for o in outcomes for p in o.problems]
         + [f"pod-spec-patch: {p}" for p in patched]
         + [f"rbac: {p}" for p in rbac]
+        + [f"side by side: {p}" for p in paired]
+        + [f"10 driver calls: {p}" for p in measured]
+        + [f"{row}: {p}" for row, _, problems, _ in faults for p in problems]
+        + [f"node: {p}" for p in node_problems]
         + ([f"{unsigned} driver calls came without the plugin's token"] if unsigned else [])
-        + runner.errors
+        + (watch.errors if watch else [])
     )
     width = max(len(o.case.file) for o in outcomes)
     print(f"{'workflow':<{width}}  {'expected':<10}  observed")
@@ -1205,7 +1550,17 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             f"{'FAIL' if outcome.problems else 'ok'}"
         )
     patch_row = f"{patched_main}  {'FAIL' if patched else 'ok'}"
-    print(f"{'e2e/workflows/dag-succeeds.yaml':<{width}}  {'patched':<10}  {patch_row}")
+    print(f"{'e2e/workflows/dag-succeeds.yaml':<{width}}  {'Succeeded':<10}  {patch_row}")
+    node_row = f"{node_observed}  {'FAIL' if node_problems else 'ok'}"
+    print(f"{'busybox pod on ' + real_node.NODE_NAME:<{width}}  {'Succeeded':<10}  {node_row}")
+    paired_row = f"{paired_observed}  {'FAIL' if paired else 'ok'}"
+    print(f"{'root-driver.yaml twice at once':<{width}}  {'Succeeded':<10}  {paired_row}")
+    for row, expected, problems, observed in faults:
+        print(f"{row:<{width}}  {expected:<10}  {observed}  {'FAIL' if problems else 'ok'}")
+    for measure in measures:
+        print(
+            f"{'10 driver calls, ' + measure.split(':')[0]:<{width}}  {'measured':<10}  {measure}"
+        )
     refused = "FAIL" if rbac else "refused, 0 calls  ok"
     print(f"{'agent without Role':<{width}}  {'refused':<10}  {refused}")
     if refusal:
@@ -1231,6 +1586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--argo-version", required=True, help="the Argo release (v4 or v3) those are built from"
     )
     parser.add_argument(
+        "--plugin-image", type=Path, required=True, help="the plugin image's docker archive"
+    )
+    parser.add_argument("--coredns", type=Path, required=True, help="the loop/coredns binary")
+    parser.add_argument(
         "--go",
         default="go",
         help="the go command, to find that release's manifests (default %(default)s)",
@@ -1242,13 +1601,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print(
-            "make loop: needs root (each pod's containers run in mount namespaces of their own)",
+            "make loop: needs root (the node: containerd, the kubelet, a bridge, iptables)",
             file=sys.stderr,
         )
         return 1
-    missing = [tool for tool in ("unshare", "setpriv", "mount") if shutil.which(tool) is None]
+    missing = [tool for tool in ("setpriv", "umount") if shutil.which(tool) is None]
     if missing:
         print(f"make loop: needs {', '.join(missing)} from util-linux on PATH", file=sys.stderr)
+        return 1
+    lacking = real_node.missing()
+    if lacking:
+        print(
+            f"make loop: the node needs {', '.join(lacking)} (make loop-packages installs them)",
+            file=sys.stderr,
+        )
         return 1
     if args.keep:
         args.keep.mkdir(parents=True)

@@ -1,17 +1,23 @@
 // Command kube is the Kubernetes half of `make loop`: etcd, kube-apiserver,
-// kube-controller-manager and kubectl, each the real program from its own module at one
-// release, plus the throw-away PKI they share. One binary, one program per process:
+// kube-controller-manager, kube-scheduler, kubectl, the kubelet and kube-proxy, each the real
+// program from its own module at one release, plus the throw-away PKI they share. One binary,
+// one program per process:
 //
-//	kube pki <dir>                      CA, apiserver serving cert, admin client cert, SA key
+//	kube pki <dir> [ip...]              CA, apiserver serving cert (also for each ip), admin
+//	                                    client cert, SA key
 //	kube etcd <data-dir> <client-url> <peer-url>
 //	kube kube-apiserver [flags]         k8s.io/kubernetes/cmd/kube-apiserver
 //	kube kube-controller-manager [flags]
 //	kube kubectl [args]
+//	kube kubelet [flags]                k8s.io/kubernetes/cmd/kubelet
+//	kube kube-proxy [flags]             k8s.io/kubernetes/cmd/kube-proxy
+//	kube kube-scheduler [flags]         k8s.io/kubernetes/cmd/kube-scheduler
 //
 // Nothing here is a stand-in: the harness (loop/run.py) chooses the flags.
 package main
 
 import (
+	"context"
 	"fmt"
 	"net/url"
 	"os"
@@ -23,11 +29,14 @@ import (
 	kubectl "k8s.io/kubectl/pkg/cmd"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kube pki|etcd|kube-apiserver|kube-controller-manager|kubectl ...")
+		fmt.Fprintln(os.Stderr, "usage: kube pki|etcd|kube-apiserver|kube-controller-manager|kubectl|kubelet|kube-proxy|kube-scheduler ...")
 		os.Exit(2)
 	}
 	program, args := os.Args[1], os.Args[2:]
@@ -42,6 +51,18 @@ func main() {
 		os.Exit(cli.Run(command))
 	case "kube-controller-manager":
 		command := controllermanager.NewControllerManagerCommand()
+		command.SetArgs(args)
+		os.Exit(cli.Run(command))
+	case "kubelet":
+		command := kubelet.NewKubeletCommand(context.Background())
+		command.SetArgs(args)
+		os.Exit(cli.Run(command))
+	case "kube-proxy":
+		command := proxy.NewProxyCommand()
+		command.SetArgs(args)
+		os.Exit(cli.Run(command))
+	case "kube-scheduler":
+		command := scheduler.NewSchedulerCommand()
 		command.SetArgs(args)
 		os.Exit(cli.Run(command))
 	case "kubectl":

@@ -16,14 +16,23 @@ import (
 	"time"
 )
 
-// writePKI writes a day-long PKI into dir: ca.crt, apiserver.{crt,key} (for 127.0.0.1 and the
-// in-cluster names), admin.{crt,key} (system:masters) and sa.{key,pub}, the service-account
-// signing key pair the apiserver and the token controller share.
+// writePKI writes a day-long PKI into dir: ca.crt, apiserver.{crt,key} (for 127.0.0.1, the
+// addresses given after dir and the in-cluster names), admin.{crt,key} (system:masters) and
+// sa.{key,pub}, the service-account signing key pair the apiserver and the token controller
+// share.
 func writePKI(args []string) error {
-	if len(args) != 1 {
-		return fmt.Errorf("usage: kube pki <dir>")
+	if len(args) < 1 {
+		return fmt.Errorf("usage: kube pki <dir> [ip...]")
 	}
 	dir := args[0]
+	addresses := []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("10.0.0.1")}
+	for _, arg := range args[1:] {
+		address := net.ParseIP(arg)
+		if address == nil {
+			return fmt.Errorf("not an IP address: %q", arg)
+		}
+		addresses = append(addresses, address)
+	}
 	caKey, err := newKey()
 	if err != nil {
 		return err
@@ -51,7 +60,7 @@ func writePKI(args []string) error {
 		{"apiserver", &x509.Certificate{
 			Subject:     pkix.Name{CommonName: "kube-apiserver"},
 			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-			IPAddresses: []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("10.0.0.1")},
+			IPAddresses: addresses,
 			DNSNames: []string{"localhost", "kubernetes", "kubernetes.default",
 				"kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
 		}},
