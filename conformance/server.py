@@ -44,14 +44,11 @@ import contextlib
 import hashlib
 import http.client
 import json
-import queue
 import re
 import secrets
 import ssl
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import uuid
@@ -62,6 +59,8 @@ from pathlib import Path
 from typing import Any
 
 import mock_driver_server as mds
+from conformance.suite import CaseFailed, check
+from conformance.suite import Service as Process
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -75,10 +74,6 @@ SLOW_FLAGS = ("--reply-deadline=1s", "--requeue=500ms", "--upstream-timeout=2s")
 Node = dict[str, Any]
 
 
-class CaseFailed(Exception):
-    """A claim of the contract did not hold."""
-
-
 class NotApplicable(Exception):
     """The case cannot be judged on this server (``NOT_APPLICABLE`` or ``NOT_RUN``)."""
 
@@ -87,46 +82,7 @@ class NotApplicable(Exception):
         self.status = status
 
 
-def check(condition: object, message: str) -> None:
-    if not condition:
-        raise CaseFailed(message)
-
-
 # Processes ####
-
-
-class Process:
-    """A child that logs ``{"msg": "listening", "port": N}`` on stderr; its log is kept."""
-
-    def __init__(self, name: str, argv: list[str]) -> None:
-        self.name = name
-        self.log: list[str] = []
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        ports: queue.Queue[int] = queue.Queue()
-        threading.Thread(target=self._read, args=(ports,), daemon=True).start()
-        try:
-            self.port = ports.get(timeout=20)
-        except queue.Empty:
-            self.stop()
-            raise CaseFailed(f"{name} did not start: {' | '.join(self.log[-5:])}") from None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _read(self, ports: queue.Queue[int]) -> None:
-        assert self.process.stderr is not None
-        for raw in self.process.stderr:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.log.append(line)
-            with contextlib.suppress(ValueError, AttributeError, KeyError, TypeError):
-                record = json.loads(line)
-                if record.get("msg") == "listening":
-                    ports.put(int(record["port"]))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
 
 
 def start_mock(break_keys: str | None = None) -> Process:
