@@ -64,7 +64,8 @@ Contract (docs/CONTRACT.md, "mock_driver_server.py"):
   parsed call without a key, and every keyed call that executed rather than joined or replayed;
   counted when it starts, so a slow call is visible while it sleeps), plus
   ``_bearer_present`` and ``_bearer_absent`` counting ``template.execute`` requests with and
-  without an ``Authorization: Bearer`` header, ``_key_present`` and ``_key_absent`` counting
+  without an ``Authorization: Bearer`` header, ``_refused`` (calls the identity check
+  refused), ``_key_present`` and ``_key_absent`` counting
   parsed calls with and without an ``Idempotency-Key``, ``_keys`` (an object: each key seen to
   its number of driver executions), ``_joined`` and ``_replayed`` (keyed calls answered without
   an execution) and ``_running`` (executions not finished yet). Call keys always contain ``/``;
@@ -104,6 +105,19 @@ How outputs are computed (deterministic for a given sequence of calls in one pro
   parent_task_id dialect a missing ``namespace`` or one that is not the workflow's; an
   unparsable ``parameterIterator`` list.
 
+* Identity (``--token-review APISERVER``, off by default): every ``template.execute`` is
+  authenticated as the contract asks of a real server. The bearer token goes to the apiserver's
+  TokenReview API (reviews kept a minute); no token or one the apiserver does not accept is
+  ``401``, a user that is not a service account or whose namespace is not the call's
+  ``workflow.metadata.namespace`` (and ``args.namespace``, when present) ``403``, a review
+  that cannot be made ``503``: all text naming the reason, counted in ``_refused``, no
+  execution.
+* For make loop's KFP workflows: ``--skip-executors`` answers every CONTAINER driver whose task
+  runs as a cache hit (``cached-decision`` ``"true"``, no pod-spec-patch), so that no executor
+  pod is needed; ``--fail-task NAME`` makes the driver of tasks of that ``task_name`` fail;
+  ``--tls-port`` (with ``--tls-cert`` and ``--tls-key``) adds a TLS listener in front of the same
+  driver state.
+
 Logging: one JSON line per request on stderr (method, path, status, call key, for a keyed call
 ``served``: executed/joined/replayed, milliseconds). Bodies, tokens and Idempotency-Keys are
 never logged; only the presence of a bearer token is recorded.
@@ -117,15 +131,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import http.server
 import json
 import re
 import select
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -837,7 +854,15 @@ def _caching_enabled(task: Mapping[str, object]) -> bool:
 class MockDriver:
     """Process-wide driver state: execution IDs, the cache, the keys and the per-call counters."""
 
-    def __init__(self, keys: KeyStore | None = None) -> None:
+    def __init__(
+        self,
+        keys: KeyStore | None = None,
+        *,
+        skip_executors: bool = False,
+        fail_tasks: frozenset[str] = frozenset(),
+    ) -> None:
+        self.skip_executors = skip_executors  # every task that runs is a cache hit
+        self.fail_tasks = fail_tasks  # task names whose driver fails
         self._lock = threading.Lock()
         self._next_id = 1
         self._root_ids: dict[str, int] = {}
@@ -849,6 +874,11 @@ class MockDriver:
     def note_request(self, *, bearer: bool) -> None:
         with self._lock:
             self._headers["_bearer_present" if bearer else "_bearer_absent"] += 1
+
+    def note_refused(self) -> None:
+        """Count one call the identity check turned away (no execution)."""
+        with self._lock:
+            self._headers["_refused"] += 1
 
     def note_key(self, *, present: bool) -> None:
         """Count one parsed call with or without an Idempotency-Key."""
@@ -875,6 +905,7 @@ class MockDriver:
             for name in (
                 "_bearer_present",
                 "_bearer_absent",
+                "_refused",
                 "_key_present",
                 "_key_absent",
                 "_running",
@@ -950,6 +981,9 @@ class MockDriver:
             if dialect == "dag_execution_id":
                 raise DriverError(f"{driver_type} needs a positive dag_execution_id, got {got}")
             raise DriverError(f"{driver_type} needs a parent_task_id, got {got!r}")
+        task_name = _text(args.get("task_name")).strip()
+        if task_name in self.fail_tasks:
+            raise DriverError(f"task {task_name!r} fails, as --fail-task asked")
         condition = evaluate_condition(task)
         if driver_type == "DAG":
             count = "0" if condition == "false" else iteration_count(task, index)
@@ -978,7 +1012,7 @@ class MockDriver:
                 separators=(",", ":"),
             ).encode()
         ).hexdigest()
-        if cacheable and self._cache_lookup(fingerprint):
+        if self.skip_executors or (cacheable and self._cache_lookup(fingerprint)):
             return DriverOutputs(execution_id, None, "true", condition, "", container_ids)
         patch = pod_spec_patch(container)
         return DriverOutputs(execution_id, None, "false", condition, patch, container_ids)
@@ -1004,6 +1038,107 @@ class MockDriver:
         return bool((raw or "").strip())
 
 
+# Identity ####
+# A kfp-driver-server authenticates the plugin's service-account token and acts in that token's
+# namespace only (docs/driver-server-contract.md). With --token-review the mock does that against
+# a real apiserver (make loop); without it, it authenticates nobody (the tests, the demo).
+
+SERVICE_ACCOUNT_USER: Final = "system:serviceaccount:"
+REVIEW_PATH: Final = "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+class Refused(Exception):
+    """A call the identity check turns away: the status and the reason the mock answers with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class TokenReviewer:
+    """Whose a bearer token is, by the apiserver's TokenReview API, and whether that identity
+    may drive a call. Reviews are kept a minute per token (as the apiserver's own cache does);
+    a review that could not be made is never kept and answers 503, which the plugin retries."""
+
+    keep_for = 60.0  # seconds a review's result is trusted
+
+    def __init__(self, apiserver: str, ca_file: str, token_file: str) -> None:
+        url = urllib.parse.urlsplit(apiserver)
+        if url.scheme != "https" or not url.hostname:
+            raise ValueError(f"{apiserver!r} is not an https:// URL")
+        self._address = (url.hostname, url.port or 443)
+        self._tls = ssl.create_default_context(cafile=ca_file)
+        self._token_file = token_file  # read per review: a projected token is rotated
+        self._lock = threading.Lock()
+        self._users: dict[str, tuple[float, str]] = {}  # SHA-256 of a token -> (until, user)
+
+    def check(self, authorization: str | None, call: AgentCall) -> str:
+        """The caller's namespace; Refused unless the token is a service account's of the
+        namespace that the workflow (and ``args.namespace``, when present) names."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Refused(401, "no bearer token: the driver server serves identified callers only")
+        user = self._user(token.strip())
+        if not user:
+            raise Refused(401, "the bearer token is not authenticated (TokenReview)")
+        namespace, _, account = user.removeprefix(SERVICE_ACCOUNT_USER).partition(":")
+        if not user.startswith(SERVICE_ACCOUNT_USER) or not namespace or not account:
+            raise Refused(403, f"{_short(user)!r} is not a service account")
+        claims = {
+            "workflow.metadata.namespace": call.namespace,
+            "args.namespace": _text(call.args.get("namespace")).strip() or namespace,
+        }
+        for where, claimed in claims.items():
+            if claimed != namespace:
+                raise Refused(
+                    403,
+                    f"a token of namespace {namespace!r} may not drive a call whose {where} is "
+                    f"{_short(claimed)!r}",
+                )
+        return namespace
+
+    def _user(self, token: str) -> str:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        with self._lock:
+            until, user = self._users.get(digest, (0.0, ""))
+            if until > now:
+                return user
+        user = self._review(token)
+        with self._lock:
+            self._users = {d: kept for d, kept in self._users.items() if kept[0] > now}
+            self._users[digest] = (now + self.keep_for, user)
+        return user
+
+    def _review(self, token: str) -> str:
+        """The authenticated user name, or "" for a token the apiserver does not accept."""
+        review = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token},
+        }
+        connection = http.client.HTTPSConnection(*self._address, context=self._tls, timeout=10)
+        try:
+            with open(self._token_file, encoding="utf-8") as file:
+                own = file.read().strip()
+            headers = {"Authorization": f"Bearer {own}", "Content-Type": "application/json"}
+            connection.request("POST", REVIEW_PATH, json.dumps(review), headers)
+            response = connection.getresponse()
+            answer = response.read()
+        except OSError as exc:
+            raise Refused(503, f"TokenReview could not be made: {exc.strerror or exc}") from None
+        finally:
+            connection.close()
+        if response.status not in (200, 201):
+            raise Refused(503, f"TokenReview answered {response.status} {response.reason}")
+        try:
+            status = json.loads(answer)["status"]
+        except (ValueError, KeyError, TypeError):
+            raise Refused(503, "TokenReview answered something that is not a review") from None
+        authenticated = isinstance(status, dict) and status.get("authenticated") is True
+        return _text(status.get("user", {}).get("username")) if authenticated else ""
+
+
 # Server ####
 
 
@@ -1022,12 +1157,16 @@ class MockDriverServer(http.server.ThreadingHTTPServer):
         key_ttl: float = DEFAULT_KEY_TTL,
         clock: Callable[[], float] = time.monotonic,
         break_keys: str | None = None,
+        driver: MockDriver | None = None,
+        identity: TokenReviewer | None = None,
     ) -> None:
         if not key_ttl >= MIN_KEY_TTL:
             raise ValueError(f"key_ttl must be at least {MIN_KEY_TTL:g} s, the plugin's result TTL")
         self.shape: Shape = shape
         self.log_enabled = log
-        self.driver = MockDriver(KeyStore(key_ttl, clock, break_keys))
+        # Given: shared with another listener (plain HTTP beside TLS), one driver behind both.
+        self.driver = driver or MockDriver(KeyStore(key_ttl, clock, break_keys))
+        self.identity = identity
         self.stopping = threading.Event()
         self._log_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -1038,7 +1177,18 @@ class MockDriverServer(http.server.ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://{self.server_address[0]!s}:{self.port}"
+        scheme = "https" if isinstance(self.socket, ssl.SSLSocket) else "http"
+        return f"{scheme}://{self.server_address[0]!s}:{self.port}"
+
+    def serve_tls(self, cert_file: str, key_file: str) -> None:
+        """Speak TLS on this listener with that certificate chain and key. The handshake is
+        made by each connection's own thread, at its first read, so a slow client cannot
+        hold up accepting the others."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert_file, key_file)
+        self.socket = context.wrap_socket(
+            self.socket, server_side=True, do_handshake_on_connect=False
+        )
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -1135,6 +1285,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _peer_closed(self) -> bool:
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
+            if isinstance(self.connection, ssl.SSLSocket):
+                # TLS cannot peek; the plugin sends nothing while it waits, so anything
+                # readable now is its close (a close_notify or the end of the stream).
+                return bool(readable)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
@@ -1213,6 +1367,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except BadRequest as exc:
             self._send_text(400, f"{exc}\n")
             return
+        if self.server.identity is not None:
+            try:
+                self.server.identity.check(self.headers.get("Authorization"), call)
+            except Refused as exc:
+                driver.note_refused()
+                self._send_text(exc.status, f"{exc}\n")
+                return
         self._key = call.key
         driver.note_key(present=key is not None)
         if key is None:  # every request is an execution
@@ -1272,17 +1433,27 @@ def make_server(
     key_ttl: float = DEFAULT_KEY_TTL,
     clock: Callable[[], float] = time.monotonic,
     break_keys: str | None = None,
+    driver: MockDriver | None = None,
+    identity: TokenReviewer | None = None,
 ) -> MockDriverServer:
     """A bound, listening server; run ``serve_forever()`` on a thread, stop with ``shutdown()``.
 
     ``key_ttl`` (seconds, at least ``MIN_KEY_TTL``), ``clock`` and ``break_keys`` (its
-    ``broken``) are the KeyStore's.
+    ``broken``) are the KeyStore's; ``driver`` shares another server's state (then those three
+    are unused), ``identity`` checks every call's token.
     """
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, not {shape!r}")
     checked: Shape = "node" if shape == "node" else "flat"
     return MockDriverServer(
-        (host, port), checked, log=log, key_ttl=key_ttl, clock=clock, break_keys=break_keys
+        (host, port),
+        checked,
+        log=log,
+        key_ttl=key_ttl,
+        clock=clock,
+        break_keys=break_keys,
+        driver=driver,
+        identity=identity,
     )
 
 
@@ -1664,49 +1835,115 @@ def main(argv: list[str] | None = None) -> int:
         help="break the Idempotency-Key contract one way: make conformance's proof that its "
         "key assertions can fail",
     )
+    parser.add_argument(
+        "--skip-executors",
+        action="store_true",
+        help="answer every CONTAINER driver whose task runs as a cache hit (cached-decision "
+        "true, no pod-spec-patch), so that a KFP workflow needs no executor pod",
+    )
+    parser.add_argument(
+        "--fail-task",
+        action="append",
+        default=[],
+        metavar="TASK",
+        help="the driver of a task of that task_name fails (repeatable)",
+    )
+    parser.add_argument(
+        "--tls-port",
+        type=int,
+        help="also listen on this port with TLS (--tls-cert, --tls-key), one driver behind both",
+    )
+    parser.add_argument("--tls-cert", help="the TLS listener's certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="the TLS listener's private key (PEM)")
+    parser.add_argument(
+        "--token-review",
+        metavar="APISERVER",
+        help="authenticate every call's bearer token with a TokenReview at this https:// "
+        "apiserver and refuse calls outside the token's namespace (needs --token-review-ca "
+        "and --token-review-token)",
+    )
+    parser.add_argument("--token-review-ca", help="the apiserver's CA bundle (PEM)")
+    parser.add_argument(
+        "--token-review-token", help="a file with this server's own token, allowed TokenReviews"
+    )
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
     ns = parser.parse_args(argv)
-    if not 0 <= ns.port <= 65535:
-        parser.error(f"--port {ns.port} is out of range")
+    for name in ("port", "tls_port"):
+        if getattr(ns, name) is not None and not 0 <= getattr(ns, name) <= 65535:
+            parser.error(f"--{name.replace('_', '-')} {getattr(ns, name)} is out of range")
+    if ns.tls_port is not None and not (ns.tls_cert and ns.tls_key):
+        parser.error("--tls-port needs --tls-cert and --tls-key")
+    identity = None
+    if ns.token_review:
+        if not (ns.token_review_ca and ns.token_review_token):
+            parser.error("--token-review needs --token-review-ca and --token-review-token")
+        try:
+            identity = TokenReviewer(ns.token_review, ns.token_review_ca, ns.token_review_token)
+        except (ValueError, OSError) as exc:
+            parser.error(f"--token-review: {exc}")
     try:
         key_ttl = parse_go_duration(ns.key_ttl)
     except ValueError:
         parser.error(f"--key-ttl {ns.key_ttl!r} is not a Go duration")
     if key_ttl < MIN_KEY_TTL:
         parser.error(f"--key-ttl {ns.key_ttl} is below 10m, the plugin's --result-ttl")
-    try:
-        server = make_server(
-            ns.host, ns.port, ns.shape, log=True, key_ttl=key_ttl, break_keys=ns.break_keys
-        )
-    except OSError as exc:
-        where = f"{ns.host}:{ns.port}"
-        print(
-            json.dumps({"msg": f"cannot listen on {where}", "error": exc.strerror or str(exc)}),
-            file=sys.stderr,
-        )
-        return 1
-    server.log(
-        msg="listening",
-        host=ns.host,
-        port=server.port,
-        shape=ns.shape,
-        key_ttl=ns.key_ttl,
-        break_keys=ns.break_keys,
+    driver = MockDriver(
+        KeyStore(key_ttl, time.monotonic, ns.break_keys),
+        skip_executors=ns.skip_executors,
+        fail_tasks=frozenset(ns.fail_task),
     )
-    server.log_enabled = not ns.quiet
+    servers: list[MockDriverServer] = []
+    for port, tls in ((ns.port, False), (ns.tls_port, True)):
+        if port is None:
+            continue
+        try:
+            server = make_server(ns.host, port, ns.shape, driver=driver, identity=identity)
+            if tls:
+                server.serve_tls(ns.tls_cert, ns.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            for started in servers:
+                started.server_close()
+            what = f"cannot listen on {ns.host}:{port}" + (" with TLS" if tls else "")
+            error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(json.dumps({"msg": what, "error": error}), file=sys.stderr)
+            return 1
+        servers.append(server)
+        server.log(
+            msg="listening",
+            host=ns.host,
+            port=server.port,
+            tls=tls,
+            shape=ns.shape,
+            key_ttl=ns.key_ttl,
+            break_keys=ns.break_keys,
+            skip_executors=ns.skip_executors,
+            fail_tasks=ns.fail_task,
+            token_review=ns.token_review,
+        )
+        server.log_enabled = not ns.quiet
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         # shutdown() waits for serve_forever(), which runs on this (the main) thread.
-        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+        for server in servers:
+            threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    others = [
+        threading.Thread(target=server.serve_forever, args=(0.2,), name="tls", daemon=True)
+        for server in servers[1:]
+    ]
+    for thread in others:
+        thread.start()
     try:
-        server.serve_forever(poll_interval=0.2)
+        servers[0].serve_forever(poll_interval=0.2)
     finally:
-        server.server_close()
-    server.log_enabled = True
-    server.log(msg="stopped")
+        for thread in others:
+            thread.join()
+        for server in servers:
+            server.server_close()
+    servers[0].log_enabled = True
+    servers[0].log(msg="stopped")
     return 0
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
+import http.server
 import json
 import queue
 import re
 import select
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -645,6 +649,7 @@ def test_calls_counts_executions_and_bearer_presence(server: mds.MockDriverServe
         f"{RUN}/DAG/2": 1,
         "_bearer_present": 4,
         "_bearer_absent": 1,
+        "_refused": 0,
         "_key_present": 0,
         "_key_absent": 4,
         "_running": 0,
@@ -1536,3 +1541,217 @@ def test_a_taken_port_is_named_in_the_one_line_error(capsys: pytest.CaptureFixtu
     error = json.loads(capsys.readouterr().err)
     assert error["msg"] == f"cannot listen on 127.0.0.1:{port}"
     assert error["error"] == "Address already in use"
+
+
+# Identity, TLS and make loop's knobs ####
+# The loop runs the mock as a real server would run: TLS in front, every token reviewed by the
+# apiserver. Here the apiserver is a small TLS stand-in on loopback; the certificates come from
+# the openssl command, as the loop's do.
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A CA and a certificate it signed for 127.0.0.1: paths by name."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    where = tmp_path_factory.mktemp("pki")
+    files = {name: str(where / name) for name in ("ca.crt", "ca.key", "tls.crt", "tls.key")}
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl = ["openssl", "req", *ec, "-days", "1", "-batch"]
+    run = functools.partial(subprocess.run, check=True, capture_output=True)
+    run([*openssl, "-x509", "-subj", "/CN=test-ca", "-keyout", files["ca.key"],
+         "-out", files["ca.crt"]])  # fmt: skip
+    run([*openssl, "-x509", "-subj", "/CN=127.0.0.1", "-keyout", files["tls.key"],
+         "-out", files["tls.crt"], "-CA", files["ca.crt"], "-CAkey", files["ca.key"],
+         "-addext", "subjectAltName=IP:127.0.0.1"])  # fmt: skip
+    return files
+
+
+REVIEWER_TOKEN = "reviewer-token"  # the mock's own token, allowed TokenReviews
+USERS = {
+    "own-token": f"system:serviceaccount:{mds.DEFAULT_NAMESPACE}:driver-plugin-executor-plugin",
+    "other-token": "system:serviceaccount:kubeflow-user-other:driver-plugin-executor-plugin",
+    "admin-token": "kubernetes-admin",
+}
+
+
+class Apiserver(http.server.ThreadingHTTPServer):
+    """The TokenReview API and nothing else, over TLS; ``reviews`` counts the reviews made."""
+
+    def __init__(self, pki: Mapping[str, str]) -> None:
+        super().__init__(("127.0.0.1", 0), _ReviewHandler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki["tls.crt"], pki["tls.key"])
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+        self.reviews = 0
+
+
+class _ReviewHandler(http.server.BaseHTTPRequestHandler):
+    server: Apiserver
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != mds.REVIEW_PATH or self.headers["Authorization"] != (
+            f"Bearer {REVIEWER_TOKEN}"
+        ):
+            self.send_error(403)
+            return
+        self.server.reviews += 1
+        user = USERS.get(review["spec"]["token"])
+        status = {"authenticated": True, "user": {"username": user}} if user else {}
+        answer = json.dumps({**review, "status": status}).encode()
+        self.send_response(201)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+
+@pytest.fixture
+def reviewed(
+    pki: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[mds.MockDriverServer, Apiserver]]:
+    """A mock checking identity against the ``Apiserver`` stand-in, and that stand-in."""
+    apiserver = Apiserver(pki)
+    thread = threading.Thread(target=apiserver.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    own_token = tmp_path / "token"
+    own_token.write_text(REVIEWER_TOKEN + "\n")
+    url = f"https://127.0.0.1:{apiserver.server_address[1]}"
+    identity = mds.TokenReviewer(url, pki["ca.crt"], str(own_token))
+    try:
+        yield from ((srv, apiserver) for srv in _serving("node", identity=identity))
+    finally:
+        apiserver.shutdown()
+        apiserver.server_close()
+        thread.join(timeout=10)
+
+
+def as_caller(srv: mds.MockDriverServer, body: bytes, token: str | None) -> Reply:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return request(srv, "POST", mds.EXECUTE_PATH, body, headers)
+
+
+def test_identity_serves_the_tokens_own_namespace_and_reviews_a_token_once(
+    reviewed: tuple[mds.MockDriverServer, Apiserver],
+) -> None:
+    srv, apiserver = reviewed
+    for _ in range(2):
+        reply = as_caller(srv, mds.agent_body("ROOT_DAG"), "own-token")
+        assert reply.status == 200, reply.body
+    assert apiserver.reviews == 1  # the second call used the kept review
+    assert srv.driver.calls()[f"{RUN}/ROOT_DAG/-1"] == 2
+
+
+@pytest.mark.parametrize(
+    ("token", "body", "status", "reason"),
+    [
+        (None, mds.agent_body("ROOT_DAG"), 401, "no bearer token"),
+        ("unknown-token", mds.agent_body("ROOT_DAG"), 401, "not authenticated"),
+        ("admin-token", mds.agent_body("ROOT_DAG"), 403, "'kubernetes-admin' is not a service"),
+        (
+            "other-token",
+            mds.agent_body("ROOT_DAG"),
+            403,
+            "namespace 'kubeflow-user-other' may not drive a call whose "
+            f"workflow.metadata.namespace is '{mds.DEFAULT_NAMESPACE}'",
+        ),
+        (
+            "own-token",
+            mds.agent_body(
+                "ROOT_DAG", parent_task_id="", extra_args={"namespace": "kubeflow-user-other"}
+            ),
+            403,
+            "whose args.namespace is 'kubeflow-user-other'",
+        ),
+    ],
+)
+def test_identity_refuses_without_running_the_driver(
+    reviewed: tuple[mds.MockDriverServer, Apiserver],
+    token: str | None,
+    body: bytes,
+    status: int,
+    reason: str,
+) -> None:
+    srv, _ = reviewed
+    reply = as_caller(srv, body, token)
+    assert (reply.status, reply.headers["content-type"]) == (status, "text/plain; charset=utf-8")
+    assert reason in reply.body.decode()
+    calls = srv.driver.calls()
+    assert calls["_refused"] == 1
+    assert not [key for key in calls if "/" in key]  # nothing executed
+
+
+def test_identity_answers_503_while_the_apiserver_cannot_review_and_keeps_nothing(
+    reviewed: tuple[mds.MockDriverServer, Apiserver], tmp_path: Path
+) -> None:
+    srv, apiserver = reviewed
+    assert srv.identity is not None
+    srv.identity._token_file = str(tmp_path / "missing")  # its own token is gone
+    reply = as_caller(srv, mds.agent_body("ROOT_DAG"), "own-token")
+    assert reply.status == 503
+    assert "TokenReview could not be made" in reply.body.decode()
+    srv.identity._token_file = str(tmp_path / "token")
+    assert as_caller(srv, mds.agent_body("ROOT_DAG"), "own-token").status == 200
+    assert apiserver.reviews == 1
+
+
+def test_a_tls_listener_shares_the_driver_of_the_plain_one(pki: dict[str, str]) -> None:
+    plain = mds.make_server(log=False)
+    tls = mds.make_server(log=False, driver=plain.driver)
+    tls.serve_tls(pki["tls.crt"], pki["tls.key"])
+    threads = [
+        threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True) for s in (plain, tls)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        assert tls.url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=pki["ca.crt"])
+        conn = http.client.HTTPSConnection("127.0.0.1", tls.port, context=context, timeout=30)
+        reply = request(tls, "POST", mds.EXECUTE_PATH, mds.agent_body("ROOT_DAG"), conn=conn)
+        conn.close()
+        assert reply.status == 200, reply.body
+        assert request(plain, "GET", "/calls").json()[f"{RUN}/ROOT_DAG/-1"] == 1
+    finally:
+        for s in (plain, tls):
+            s.shutdown()
+            s.server_close()
+
+
+def test_skip_executors_makes_every_task_that_runs_a_cache_hit() -> None:
+    driver = mds.MockDriver(skip_executors=True)
+    call = mds.parse_agent_call(mds.agent_body("CONTAINER"))
+    outputs = driver.execute(call)
+    assert (outputs.cached_decision, outputs.pod_spec_patch) == ("true", "")
+
+
+def test_fail_task_fails_that_tasks_driver_only() -> None:
+    driver = mds.MockDriver(fail_tasks=frozenset({"echo"}))
+    with pytest.raises(mds.DriverError, match="task 'echo' fails, as --fail-task asked"):
+        driver.execute(mds.parse_agent_call(mds.agent_body("CONTAINER")))
+    driver.execute(mds.parse_agent_call(mds.agent_body("CONTAINER", task_name="other")))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tls-port", "0"], "--tls-port needs --tls-cert and --tls-key"),
+        (["--token-review", "https://h"], "--token-review needs --token-review-ca"),
+        (
+            ["--token-review", "http://h", "--token-review-ca", "x", "--token-review-token", "y"],
+            "is not an https:// URL",
+        ),
+    ],
+)
+def test_bad_identity_and_tls_options_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        mds.main(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
