@@ -114,7 +114,8 @@ How outputs are computed (deterministic for a given sequence of calls in one pro
   execution.
 * For make loop's KFP workflows: ``--skip-executors`` answers every CONTAINER driver whose task
   runs as a cache hit (``cached-decision`` ``"true"``, no pod-spec-patch), so that no executor
-  pod is needed; ``--fail-task NAME`` makes the driver of tasks of that ``task_name`` fail;
+  pod is needed; ``--fail-task PIPELINE/TASK`` makes the driver of that ``pipeline_name``'s task
+  of that ``task_name`` fail;
   ``--tls-port`` (with ``--tls-cert`` and ``--tls-key``) adds a TLS listener in front of the same
   driver state.
 
@@ -862,7 +863,7 @@ class MockDriver:
         fail_tasks: frozenset[str] = frozenset(),
     ) -> None:
         self.skip_executors = skip_executors  # every task that runs is a cache hit
-        self.fail_tasks = fail_tasks  # task names whose driver fails
+        self.fail_tasks = fail_tasks  # "<pipeline_name>/<task_name>" whose driver fails
         self._lock = threading.Lock()
         self._next_id = 1
         self._root_ids: dict[str, int] = {}
@@ -981,9 +982,9 @@ class MockDriver:
             if dialect == "dag_execution_id":
                 raise DriverError(f"{driver_type} needs a positive dag_execution_id, got {got}")
             raise DriverError(f"{driver_type} needs a parent_task_id, got {got!r}")
-        task_name = _text(args.get("task_name")).strip()
-        if task_name in self.fail_tasks:
-            raise DriverError(f"task {task_name!r} fails, as --fail-task asked")
+        named = f"{_text(args.get('pipeline_name')).strip()}/{_text(args.get('task_name')).strip()}"
+        if named in self.fail_tasks:
+            raise DriverError(f"task {named!r} fails, as --fail-task asked")
         condition = evaluate_condition(task)
         if driver_type == "DAG":
             count = "0" if condition == "false" else iteration_count(task, index)
@@ -1845,8 +1846,8 @@ def main(argv: list[str] | None = None) -> int:
         "--fail-task",
         action="append",
         default=[],
-        metavar="TASK",
-        help="the driver of a task of that task_name fails (repeatable)",
+        metavar="PIPELINE/TASK",
+        help="the driver of that pipeline_name's task of that task_name fails (repeatable)",
     )
     parser.add_argument(
         "--tls-port",

@@ -1731,10 +1731,12 @@ def test_skip_executors_makes_every_task_that_runs_a_cache_hit() -> None:
 
 
 def test_fail_task_fails_that_tasks_driver_only() -> None:
-    driver = mds.MockDriver(fail_tasks=frozenset({"echo"}))
-    with pytest.raises(mds.DriverError, match="task 'echo' fails, as --fail-task asked"):
+    driver = mds.MockDriver(fail_tasks=frozenset({f"{mds.PIPELINE_NAME}/echo"}))
+    with pytest.raises(mds.DriverError, match="task 'hello-world/echo' fails, as --fail-task"):
         driver.execute(mds.parse_agent_call(mds.agent_body("CONTAINER")))
     driver.execute(mds.parse_agent_call(mds.agent_body("CONTAINER", task_name="other")))
+    other_pipeline = {"pipeline_name": "other"}
+    driver.execute(mds.parse_agent_call(mds.agent_body("CONTAINER", extra_args=other_pipeline)))
 
 
 @pytest.mark.parametrize(
