@@ -93,10 +93,17 @@ LOOP_COREDNS := $(BUILD)/loop/coredns
 LOOP_PLUGIN_IMAGE := $(BUILD)/loop/images/driver-plugin.tar
 LOOP_LINES := $(ARGO_VERSION) $(ARGO_V3_VERSION)
 LOOP_PACKAGES := containerd runc containernetworking-plugins busybox-static iproute2 iptables
-loop: loop-packages $(LOOP_KUBE) $(LOOP_COREDNS) $(LOOP_PLUGIN_IMAGE) $(foreach v,$(LOOP_LINES),$(BUILD)/argo-$(v)/workflow-controller $(BUILD)/argo-$(v)/argoexec)
+## KFP's compiled workflows (never copied into the repository) run after the fixed rows: every
+## one on the first line, loop/kfp.py's selection on the others. WORKFLOW=<file ...>
+## [EXPECT=<phase>] runs only those, adapted to the loop's profile.
+KFP_WORKFLOWS ?= $(abspath ../shared/kfp/compiled-workflows)
+EXPECT ?= Succeeded
+loop: $(VENV)/.installed loop-packages $(LOOP_KUBE) $(LOOP_COREDNS) $(LOOP_PLUGIN_IMAGE) $(ARGO_BIN)/argo $(foreach v,$(LOOP_LINES),$(BUILD)/argo-$(v)/workflow-controller $(BUILD)/argo-$(v)/argoexec)
 	for version in $(LOOP_LINES); do \
-	  $(PYTHON) loop/run.py --kube $(LOOP_KUBE) --coredns $(LOOP_COREDNS) --plugin-image $(LOOP_PLUGIN_IMAGE) \
-	    --argo-bin $(BUILD)/argo-$$version --argo-version $$version --go $(GO) || exit 1; \
+	  $(VPY) loop/run.py --kube $(LOOP_KUBE) --coredns $(LOOP_COREDNS) --plugin-image $(LOOP_PLUGIN_IMAGE) \
+	    --argo-bin $(BUILD)/argo-$$version --argo-version $$version --go $(GO) --argo-cli $(ARGO_BIN)/argo \
+	    --kfp-workflows $(KFP_WORKFLOWS) $$([ $$version = $(firstword $(LOOP_LINES)) ] && echo --kfp-corpus) \
+	    $(foreach w,$(WORKFLOW),--workflow $(abspath $(w))) $(if $(WORKFLOW),--expect $(EXPECT)) || exit 1; \
 	done
 
 ## loop-packages: the node's runtime from Debian bookworm (containerd 1.6.20, runc 1.1.5, CNI

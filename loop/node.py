@@ -107,14 +107,16 @@ def base_images() -> list[images.Image]:
 
 def argoexec_image(name: str, argoexec: Path) -> images.Image:
     """Argo's executor image from the argoexec the Makefile built (static, CGO_ENABLED=0, as
-    Argo's release builds it): the binary on PATH, distroless's accounts, ENTRYPOINT argoexec.
-    The controller's init containers copy it into executor pods, whatever their image."""
+    Argo's release builds it): the binary on PATH, distroless's accounts, ENTRYPOINT argoexec,
+    USER 8737 as Argo's Dockerfile sets it (a pod with runAsNonRoot, as KFP's, refuses an image
+    that runs as root). The controller's init containers copy it into executor pods, whatever
+    their image."""
     layer = images.Layer()
     layer.file("bin/argoexec", argoexec, 0o755)
     layer.file("etc/passwd", images.ACCOUNTS.encode())
     layer.file("etc/group", images.GROUP.encode())
     layer.directory("tmp", 0o1777)
-    return images.Image(name, [layer], entrypoint=("argoexec",))
+    return images.Image(name, [layer], entrypoint=("argoexec",), user="8737")
 
 
 def mounts_under(directory: Path) -> list[str]:

@@ -23,15 +23,22 @@ What is real (each the released program, built from the Go module proxy, see Mak
 * the agent pod the controller creates, scheduled onto the node and run by the kubelet:
   `argoexec agent init`, `argoexec agent main` and driver_plugin.py from their images, with
   the pod spec's securityContext, mounts, probes and limits. Upstream is mock_driver_server.py,
-  on the node's bridge behind the Service the ConfigMap names (ml-pipeline-driver.kubeflow).
+  on the node's bridge behind the Service the ConfigMap names (ml-pipeline-driver.kubeflow),
+  over https with a CA the loop makes, which reaches the sidecar as README's "TLS to the driver
+  server" tells operators; the stand-in reviews every caller's token with the apiserver's
+  TokenReview API and serves only the token's namespace, as a real server must;
+* KFP's own compiled workflows (loop/kfp.py): every one in --kfp-workflows, adapted to the
+  profile, the stand-in skipping executors (every task a cache hit).
 
 What is not a pod: the control plane, the controller, CoreDNS and the mock run as processes
 on the host (their Services have hand-written EndpointSlices), as a kubeadm control plane's
 static pods would run there.
 
 Usage: loop/run.py --kube BIN --coredns BIN --plugin-image TAR --argo-bin DIR
-                   --argo-version VERSION [--keep DIR]
+                   --argo-version VERSION --argo-cli BIN [--kfp-workflows DIR]
+                   [--workflow FILE ... [--expect PHASE]] [--keep DIR]
 Exit status 0 when every workflow ended as expected; a table of expected/observed on stdout.
+With --workflow, only those workflows run.
 """
 
 from __future__ import annotations
@@ -45,37 +52,50 @@ import shlex
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import kubernetes.client
+import urllib3
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from loop import kfp  # noqa: E402
 from loop import node as real_node  # noqa: E402
 
 PROFILE = "kubeflow-user-example-com"
 ARGO_NAMESPACE = "argo"
 # The driver Service plugin.yaml names (DRIVER_PLUGIN_UPSTREAM) and where the mock listens.
 DRIVER_HOST = "ml-pipeline-driver.kubeflow"
-# On the node's bridge, where pods reach it through the Service of that name.
+# On the node's bridge, where pods reach it through the Service of that name: plain HTTP for
+# the harness's reads and the driver pods (busybox speaks no TLS we could verify), and TLS for
+# the plugin, which the loop deploys as README's "TLS to the driver server" says.
 MOCK_ADDRESS = (real_node.GATEWAY, 8080)
+MOCK_TLS_PORT = 8443
+DRIVER_URL = f"https://{DRIVER_HOST}:{MOCK_TLS_PORT}"
+# The Secret whose volume Argo adds to every agent pod when it exists in the namespace; the
+# plugin's container mounts it by name (README: "TLS to the driver server").
+AGENT_CA_SECRET = "argo-workflows-agent-ca-certificates"  # noqa: S105 - a name, not a secret
+CA_MOUNT = "/etc/driver-plugin/ca"
+# The stand-in's own identity, allowed to make TokenReviews, as a real driver server's is.
+DRIVER_ACCOUNT = ("kubeflow", "ml-pipeline-driver")
 PLUGIN_UID = 8737
-# What a profile namespace gets, in this order (install() says why).
-FOR_PROFILE = (
-    "e2e/profile/kfp-stand-in.yaml",
-    "rbac.yaml",
-    "driver-plugin-executor-plugin-configmap.yaml",
-)
+# What a profile namespace gets, in this order (install() says why), then the plugin's
+# ConfigMap built for TLS and the CA Secret (install_profile).
+FOR_PROFILE = ("e2e/profile/kfp-stand-in.yaml", "rbac.yaml")
 PLUGIN_ACCOUNT = "driver-plugin-executor-plugin"  # rbac.yaml
 WORKFLOW_ACCOUNT = "default-editor"  # the account KFP runs profile workflows as
 
@@ -207,52 +227,42 @@ def refuse(method: str, path: str, status: int, answer: Json) -> None:
 
 
 class Api:
-    """JSON over HTTPS to the apiserver, as one identity."""
+    """The apiserver as one identity, through Kubernetes' own Python client: raw paths and
+    JSON documents, as the apiserver stores them (the loop reads what Argo wrote, not typed
+    models)."""
 
     def __init__(self, credentials: Credentials) -> None:
         self.credentials = credentials
-        self._url = urllib.parse.urlsplit(credentials.server)
-        self._tls = ssl.create_default_context(cafile=str(credentials.ca))
+        config = kubernetes.client.Configuration()
+        config.host = credentials.server
+        config.ssl_ca_cert = str(credentials.ca)
         if credentials.cert and credentials.key:
-            self._tls.load_cert_chain(str(credentials.cert), str(credentials.key))
+            config.cert_file, config.key_file = str(credentials.cert), str(credentials.key)
+        if credentials.token:
+            config.api_key = {"authorization": credentials.token}
+            config.api_key_prefix = {"authorization": "Bearer"}
+        self._client = kubernetes.client.ApiClient(config)
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Json | None = None,
-        content_type: str = "application/json",
-    ) -> tuple[int, Json]:
-        connection = http.client.HTTPSConnection(
-            self._url.hostname or "", self._url.port, context=self._tls, timeout=30
-        )
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        if self.credentials.token:
-            headers["Authorization"] = f"Bearer {self.credentials.token}"
+    def request(self, method: str, path: str, body: Json | None = None) -> tuple[int, Json]:
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
         try:
-            connection.request(
-                method, path, json.dumps(body) if body is not None else None, headers
+            response = self._client.call_api(
+                *self._client.param_serialize(
+                    method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
+                ),
+                _request_timeout=30,
             )
-            response = connection.getresponse()
-            raw = response.read()
-        finally:
-            connection.close()
+            raw: bytes = response.read()  # type: ignore[no-untyped-call]  # untyped upstream
+        except urllib3.exceptions.HTTPError as error:  # refused, reset, TLS: not an answer
+            raise LoopError(f"{method} {path}: {error}") from None
         try:
             decoded = json.loads(raw) if raw else {}
         except ValueError:
             decoded = {"message": raw.decode(errors="replace")}
         return response.status, decoded
 
-    def call(
-        self,
-        method: str,
-        path: str,
-        body: Json | None = None,
-        content_type: str = "application/json",
-    ) -> Json:
-        status, decoded = self.request(method, path, body, content_type)
+    def call(self, method: str, path: str, body: Json | None = None) -> Json:
+        status, decoded = self.request(method, path, body)
         refuse(method, path, status, decoded)
         return decoded
 
@@ -426,10 +436,127 @@ class PodWatch(threading.Thread):
         self.join()
 
 
+# The driver stand-in, over TLS, checking identity ############################################
+
+
+@dataclass(frozen=True)
+class DriverTls:
+    """The loop's CA for the driver Service, the stand-in's certificate, and the plugin's
+    ConfigMap built from plugin.yaml with README's TLS lines."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    configmap: Path
+
+
+# What Python 3.13's verification (VERIFY_X509_STRICT, the plugin image's) asks of a serving
+# certificate beyond its names: openssl's -x509 would otherwise mark it a CA. The CA itself
+# must carry keyUsage (above).
+LEAF = (
+    "-addext", "basicConstraints=critical,CA:FALSE",
+    "-addext", "keyUsage=critical,digitalSignature",
+    "-addext", "extendedKeyUsage=serverAuth",
+    "-addext",
+)  # fmt: skip
+
+
+def driver_tls(workdir: Path, argo_cli: Path) -> DriverTls:
+    """A CA and a serving certificate for the driver Service's names (openssl), and the
+    plugin's ConfigMap for https: README's steps, done by a program."""
+    where = workdir / "driver-tls"
+    where.mkdir()
+    ca, cert, key = where / "ca.crt", where / "tls.crt", where / "tls.key"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-batch"]
+    names = ",".join(f"DNS:{DRIVER_HOST}{suffix}" for suffix in ("", ".svc", ".svc.cluster.local"))
+    ca_key = str(where / "ca.key")
+    for argv in (
+        ["-x509", "-days", "2", "-subj", "/CN=driver-plugin loop CA", "-keyout", ca_key,
+         "-out", str(ca), "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["-x509", "-days", "1", "-subj", f"/CN={DRIVER_HOST}", "-keyout", str(key),
+         "-out", str(cert), "-CA", str(ca), "-CAkey", ca_key, *LEAF, f"subjectAltName={names}"],
+    ):  # fmt: skip
+        done = subprocess.run(
+            ["openssl", "req", *ec, *argv], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise LoopError(f"openssl req: {done.stderr.strip()}")
+    return DriverTls(ca, cert, key, tls_configmap(where, argo_cli))
+
+
+def tls_configmap(where: Path, argo_cli: Path) -> Path:
+    """plugin.yaml with README's lines for an https driver server (the upstream, the CA file,
+    the mount of the CA Secret's volume), built by Argo's own `argo executor-plugin build`."""
+    plugin = yaml.safe_load((ROOT / "plugin.yaml").read_text())
+    container = plugin["spec"]["sidecar"]["container"]
+    env = {item["name"]: item for item in container["env"]}
+    env["DRIVER_PLUGIN_UPSTREAM"]["value"] = DRIVER_URL
+    container["env"].append({"name": "DRIVER_PLUGIN_CA_FILE", "value": f"{CA_MOUNT}/ca.crt"})
+    container["volumeMounts"] = [{"name": AGENT_CA_SECRET, "mountPath": CA_MOUNT, "readOnly": True}]
+    build = where / "plugin"
+    build.mkdir()
+    (build / "plugin.yaml").write_text(yaml.safe_dump(plugin, sort_keys=False))
+    done = subprocess.run(
+        [str(argo_cli), "executor-plugin", "build", str(build)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise LoopError(f"argo executor-plugin build: {done.stderr.strip() or done.stdout}")
+    return build / "driver-plugin-executor-plugin-configmap.yaml"
+
+
+@dataclass
+class StandIn:
+    """mock_driver_server.py as the loop's kfp-driver-server: plain HTTP and TLS on the node's
+    bridge, every call's token reviewed by the loop's apiserver (its own account's token,
+    allowed TokenReviews through system:auth-delegator)."""
+
+    processes: Processes
+    tls: DriverTls
+    apiserver: str
+    apiserver_ca: Path
+    token_file: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *flags: str) -> None:
+        """(Re)start it with these extra flags; its counts start from nothing."""
+        if self.process is not None:
+            self.processes.stop(self.process)
+        self.process = self.processes.start(
+            "mock-driver-server",
+            [
+                sys.executable, str(ROOT / "mock_driver_server.py"),
+                "--host", MOCK_ADDRESS[0], "--port", str(MOCK_ADDRESS[1]),
+                "--tls-port", str(MOCK_TLS_PORT),
+                "--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key),
+                "--token-review", self.apiserver, "--token-review-ca", str(self.apiserver_ca),
+                "--token-review-token", str(self.token_file),
+                *flags,
+            ],
+        )  # fmt: skip
+        wait_for("the driver stand-in", mock_executions, 30)
+
+
+def start_stand_in(cluster: Cluster, api: Api, processes: Processes, tls: DriverTls) -> StandIn:
+    namespace, account = DRIVER_ACCOUNT
+    cluster.kubectl("-n", namespace, "create", "serviceaccount", account)
+    cluster.kubectl(
+        "create", "clusterrolebinding", f"{account}-token-review",
+        "--clusterrole=system:auth-delegator", f"--serviceaccount={namespace}:{account}",
+    )  # fmt: skip
+    token_file = cluster.workdir / "driver-stand-in.token"
+    token_file.write_text(api.token(namespace, account))
+    stand_in = StandIn(processes, tls, api.credentials.server, api.credentials.ca, token_file)
+    stand_in.start()
+    return stand_in
+
+
 # Installing, as an operator would ###########################################################
 
 
-def install(cluster: Cluster, argo_manifests: Path) -> None:
+def install(cluster: Cluster, argo_manifests: Path, tls: DriverTls) -> None:
     kubectl = cluster.kubectl
     kubectl("create", "namespace", ARGO_NAMESPACE)
     # Argo's full CRDs only fit through server-side apply (as for the release install.yaml).
@@ -466,17 +593,27 @@ def install(cluster: Cluster, argo_manifests: Path) -> None:
         json.dumps({"data": {"metricsConfig": "enabled: false\n"}}),
     )
     kubectl("apply", "-k", str(ROOT / "deploy/controller-rbac-fix/argo"))
-    kubectl("create", "namespace", PROFILE)
+    install_profile(cluster, PROFILE, tls)
+
+
+def install_profile(cluster: Cluster, namespace: str, tls: DriverTls) -> None:
+    """A profile namespace as an operator sets one up for the plugin over TLS."""
+    cluster.kubectl("create", "namespace", namespace)
     # Kubeflow's account first, as in a real profile: the token controller deletes a token
     # Secret whose service account does not exist yet (rbac.yaml's default-editor Secret).
     for manifest in FOR_PROFILE:
-        kubectl("-n", PROFILE, "apply", "-f", str(ROOT / manifest))
+        cluster.kubectl("-n", namespace, "apply", "-f", str(ROOT / manifest))
+    cluster.kubectl("-n", namespace, "apply", "-f", str(tls.configmap))
+    cluster.kubectl(
+        "-n", namespace, "create", "secret", "generic", AGENT_CA_SECRET,
+        f"--from-file=ca.crt={tls.ca}",
+    )  # fmt: skip
 
 
 def install_services(api: Api) -> None:
     """Cluster DNS's Service and the driver's: each a Service without a selector and the
     EndpointSlice for its program on the node's bridge (CoreDNS, the mock driver server), so
-    the plugin's own URL (http://ml-pipeline-driver.kubeflow:8080) resolves and connects as in a
+    the plugin's URL (https://ml-pipeline-driver.kubeflow:8443) resolves and connects as in a
     cluster. kube-proxy turns each Service address into its endpoint."""
     services: tuple[tuple[str, str, str | None, list[tuple[str, int, str]]], ...] = (
         (
@@ -485,7 +622,12 @@ def install_services(api: Api) -> None:
             real_node.DNS_SERVICE_IP,
             [("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
         ),
-        ("kubeflow", "ml-pipeline-driver", None, [("http", MOCK_ADDRESS[1], "TCP")]),
+        (
+            "kubeflow",
+            "ml-pipeline-driver",
+            None,
+            [("http", MOCK_ADDRESS[1], "TCP"), ("https", MOCK_TLS_PORT, "TCP")],
+        ),
     )
     for namespace, name, address, ports in services:
         if api.get(f"/api/v1/namespaces/{namespace}") is None:
@@ -752,6 +894,16 @@ def check_agent_pod(pod: Json, plugin_image: str) -> list[str]:
     )
     if main_secret != f"{WORKFLOW_ACCOUNT}.service-account-token":
         problems.append(f"main's service-account mount from {main_secret!r}")
+    # README's TLS lines: the upstream over https, the CA from the Secret's volume Argo adds.
+    env = {item["name"]: item.get("value") for item in sidecar.get("env", [])}
+    ca_secret = (
+        volumes.get(mounts.get(CA_MOUNT, {}).get("name", ""), {})
+        .get("secret", {})
+        .get("secretName")
+    )
+    tls = (env.get("DRIVER_PLUGIN_UPSTREAM"), env.get("DRIVER_PLUGIN_CA_FILE"), ca_secret)
+    if tls != (DRIVER_URL, f"{CA_MOUNT}/ca.crt", AGENT_CA_SECRET):
+        problems.append(f"sidecar TLS (upstream, CA file, CA Secret): {tls}")
     return problems
 
 
@@ -1158,11 +1310,12 @@ def ten_steps(mode: str) -> Json:
         template = {
             "container": {
                 "image": real_node.BUSYBOX_IMAGE,
-                "command": ["wget"],
+                # The pod's own service-account token: the stand-in reviews every caller.
+                "command": ["sh", "-c", 'exec wget "$@" --header "Authorization: Bearer $(cat '
+                            '/var/run/secrets/kubernetes.io/serviceaccount/token)"', "wget"],
                 "args": [
                     "-q", "-O", "-",
                     "--header", "Content-Type: application/json",
-                    "--header", "Authorization: Bearer loop-driver-pod",
                     "--post-data", text,
                     f"http://{DRIVER_HOST}:{MOCK_ADDRESS[1]}/api/v1/template.execute",
                 ],
@@ -1239,7 +1392,7 @@ NO_ROLE = "kubeflow-user-no-agent-role"
 
 
 def check_agent_refused(
-    cluster: Cluster, watch: PodWatch, node: real_node.Node
+    cluster: Cluster, watch: PodWatch, node: real_node.Node, tls: DriverTls
 ) -> tuple[list[str], str]:
     """In a profile where rbac.yaml's agent Role is missing, the apiserver refuses the real agent.
 
@@ -1248,9 +1401,7 @@ def check_agent_refused(
     account's real token, must then be refused its TaskSet watch and drive nothing. Returns
     the problems and the agent's first log line that names the refusal.
     """
-    cluster.kubectl("create", "namespace", NO_ROLE)
-    for manifest in FOR_PROFILE:
-        cluster.kubectl("-n", NO_ROLE, "apply", "-f", str(ROOT / manifest))
+    install_profile(cluster, NO_ROLE, tls)
     cluster.kubectl("-n", NO_ROLE, "delete", "role,rolebinding", "driver-plugin-agent")
     created = cluster.create_workflow(NO_ROLE, CASES[0].file)
     name, uid = created["metadata"]["name"], created["metadata"]["uid"]
@@ -1272,6 +1423,153 @@ def check_agent_refused(
         cluster.kubectl("-n", NO_ROLE, "delete", "workflow", name, "--wait=false")
     executed = sum(n for key, n in mock_executions().items() if key.startswith(f"{uid}/"))
     return ([f"the refused agent still drove {executed} calls"] if executed else []), evidence
+
+
+OTHER_PROFILE = "kubeflow-user-other"
+
+
+def check_identity(cluster: Cluster, api: Api, token: str, timeout: float) -> tuple[list[str], str]:
+    """A call in one profile that names another profile's namespace drives nothing.
+
+    Through the plugin: a workflow in PROFILE whose driver args say `namespace: OTHER_PROFILE`
+    fails, the plugin naming both namespaces, and reaches no driver. Straight to the stand-in
+    with the PROFILE plugin's real token (what a plugin that did not check would forward): the
+    TokenReview-backed check answers 403 and runs no driver; the token's own namespace is
+    served. Returns the problems and what was seen.
+    """
+    sys.path.insert(0, str(ROOT))
+    import mock_driver_server  # noqa: PLC0415 - the repository's mock, beside this harness
+
+    workflow = yaml.safe_load((ROOT / CASES[0].file).read_text())
+    template = next(t for t in workflow["spec"]["templates"] if "plugin" in t)
+    template["plugin"]["driver-plugin"]["args"]["namespace"] = OTHER_PROFILE
+    workflow["metadata"]["generateName"] = "loop-foreign-namespace-"
+    created = json.loads(
+        cluster.kubectl(
+            "-n", PROFILE, "create", "-o", "json", "-f", "-", stdin=json.dumps(workflow)
+        )
+    )
+    done = wait_finished(api, PROFILE, created["metadata"]["name"], timeout)
+    problems, seen = [], []
+    nodes = [n for n in done.get("status", {}).get("nodes", {}).values() if n["type"] == "Plugin"]
+    message = nodes[0].get("message", "") if nodes else ""
+    if done.get("status", {}).get("phase") != "Failed" or not (
+        PROFILE in message and OTHER_PROFILE in message
+    ):
+        problems.append(f"through the plugin: {done.get('status', {}).get('phase')} {message!r}")
+    seen.append(f"plugin: Failed {message[:90]!r}")
+    refused, own = (
+        mock_driver_server.agent_body("ROOT_DAG", namespace=namespace, uid=str(uuid.uuid4()))
+        for namespace in (OTHER_PROFILE, PROFILE)
+    )
+    status, answer = mock_request("POST", "/api/v1/template.execute", refused, token)
+    if status != 403:
+        problems.append(f"straight to the stand-in: {status} {answer[:200]!r}")
+    seen.append(f"stand-in: {status} {answer.decode(errors='replace').strip()[:90]!r}")
+    status, answer = mock_request("POST", "/api/v1/template.execute", own, token)
+    if status != 200:
+        problems.append(f"its own namespace: {status} {answer[:200]!r}")
+    seen.append(f"own namespace {status}")
+    executions = mock_executions()
+    for name, body in (
+        ("the foreign workflow", created),
+        ("the foreign call", json.loads(refused)),
+    ):
+        uid = (body.get("metadata") or body["workflow"]["metadata"])["uid"]
+        ran = sum(n for key, n in executions.items() if key.startswith(f"{uid}/"))
+        if ran:
+            problems.append(f"{name} ran {ran} drivers")
+    return problems, "; ".join(seen)
+
+
+def wait_finished(api: Api, namespace: str, name: str, timeout: float) -> Json:
+    """The workflow once it has ended; as it stands, with its status, if it has not by then."""
+    path = f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/workflows/{name}"
+
+    def finished() -> Json | None:
+        found = api.get(path) or {}
+        return found if found.get("status", {}).get("phase") in ENDED else None
+
+    try:
+        workflow: Json = wait_for(f"workflow {name} to finish", finished, timeout, 0.5)
+    except LoopError:
+        return api.get(path) or {"metadata": {"name": name}}
+    return workflow
+
+
+ENDED = ("Succeeded", "Failed", "Error")
+
+
+# KFP's compiled workflows ###################################################################
+
+
+@dataclass
+class KfpRun:
+    path: Path
+    expected: kfp.Expectation
+    workflow: Json = field(default_factory=dict)
+    own_pod: str = ""  # kfp.own_pod
+    observed: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+# How long a workflow with a pod of its own (kfp.own_pod) is given: its drivers before that pod
+# take seconds; the pod itself cannot start here.
+OWN_POD_WAIT = 45.0
+
+
+def run_kfp(
+    cluster: Cluster,
+    api: Api,
+    stand_in: StandIn,
+    runs: list[KfpRun],
+    *,
+    timeout: float,
+    parallel: int,
+) -> None:
+    """Each workflow adapted to the profile and submitted, `parallel` at a time, against the
+    stand-in skipping executors (and failing kfp.FAIL_TASK); then judged on the driver
+    executions the stand-in counted."""
+    stand_in.start("--skip-executors", "--fail-task", kfp.FAIL_TASK)
+
+    def one(run: KfpRun) -> None:
+        try:
+            workflow = kfp.adapt(run.path, PROFILE, WORKFLOW_ACCOUNT)
+            created = json.loads(
+                cluster.kubectl("create", "-o", "json", "-f", "-", stdin=json.dumps(workflow))
+            )
+        except (LoopError, yaml.YAMLError, KeyError, TypeError) as error:
+            run.problems.append(f"not submitted: {str(error)[:200]}")
+            return
+        run.own_pod = kfp.own_pod(workflow)
+        wait = min(timeout, OWN_POD_WAIT) if run.own_pod else timeout
+        run.workflow = wait_finished(api, PROFILE, created["metadata"]["name"], wait)
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(one, runs))
+    executions = mock_executions()
+    for run in runs:
+        if run.problems:
+            continue
+        seen, run.problems = kfp.judge(run.expected, run.workflow, executions)
+        status = run.workflow.get("status", {})
+        run.observed = f"{status.get('phase', 'unfinished')}, {seen.show()}"
+        if run.problems and status.get("phase") not in ENDED and run.own_pod:
+            run.problems.insert(
+                0,
+                f"its {run.own_pod} runs in a pod of its own, with KFP's launcher image, which "
+                f"cannot be built here: {status.get('phase')} after {OWN_POD_WAIT:.0f} s",
+            )
+        elif run.problems and status.get("phase") != run.expected.phase:
+            run.problems.insert(0, kfp.why(run.workflow))
+
+
+def print_kfp(runs: list[KfpRun], width: int, title: str) -> None:
+    for run in runs:
+        print(
+            f"{title + run.path.name:<{width}}  {run.expected.phase:<10}  {run.observed}  "
+            f"{'FAIL ' + '; '.join(run.problems) if run.problems else 'ok'}"
+        )
 
 
 # The node ###################################################################################
@@ -1383,33 +1681,44 @@ def read_plugin_image() -> str:
     raise LoopError("no image in the plugin ConfigMap")
 
 
-def mock_call(method: str, path: str, body: bytes | None = None) -> Json:
-    connection = http.client.HTTPConnection(*MOCK_ADDRESS, timeout=5)
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer loop-harness"}
+def mock_request(
+    method: str, path: str, body: bytes | None = None, token: str = ""
+) -> tuple[int, bytes]:
+    """One request to the stand-in's plain port, from the host."""
+    connection = http.client.HTTPConnection(*MOCK_ADDRESS, timeout=15)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     try:
         connection.request(method, path, body, headers if body is not None else {})
         response = connection.getresponse()
-        answer = response.read()
-        if response.status != 200:
-            raise LoopError(f"mock {method} {path}: {response.status} {answer[:200]!r}")
-        return dict(json.loads(answer))
+        return response.status, response.read()
     finally:
         connection.close()
+
+
+def mock_call(method: str, path: str, body: bytes | None = None, token: str = "") -> Json:
+    status, answer = mock_request(method, path, body, token)
+    if status != 200:
+        raise LoopError(f"mock {method} {path}: {status} {answer[:200]!r}")
+    return dict(json.loads(answer))
 
 
 def mock_executions() -> Json:
     return mock_call("GET", "/calls")
 
 
-def prime_hello_cache() -> None:
-    """hello-world's echo call, once, as an earlier run of the pipeline made it."""
+def prime_hello_cache(token: str) -> None:
+    """hello-world's echo call, once, as an earlier run of the pipeline made it (with the
+    profile plugin's token, which the stand-in reviews)."""
     sys.path.insert(0, str(ROOT))
     import mock_driver_server  # noqa: PLC0415 - the repository's mock, beside this harness
 
     answer = mock_call(
         "POST",
         "/api/v1/template.execute",
-        mock_driver_server.agent_body("CONTAINER", extra_args={"pipeline_name": "echo"}),
+        mock_driver_server.agent_body(
+            "CONTAINER", namespace=PROFILE, extra_args={"pipeline_name": "echo"}
+        ),
+        token,
     )
     outputs = {p["name"]: p["value"] for p in answer["node"]["outputs"]["parameters"]}
     if outputs.get("cached-decision") != "false":
@@ -1449,27 +1758,24 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             lambda: http_status("127.0.0.1", dns_ready, "/ready") == 200,
             60,
         )
-        install(cluster, argo_manifests(args.go, args.argo_version))
-        processes.start(
-            "mock-driver-server",
-            [
-                sys.executable,
-                str(ROOT / "mock_driver_server.py"),
-                "--host",
-                MOCK_ADDRESS[0],
-                "--port",
-                str(MOCK_ADDRESS[1]),
-            ],
-        )
-        wait_for("the mock driver server", mock_executions, 30)
+        tls = driver_tls(workdir, args.argo_cli)
+        install(cluster, argo_manifests(args.go, args.argo_version), tls)
+        stand_in = start_stand_in(cluster, api, processes, tls)
+        plugin_token = api.token(PROFILE, PLUGIN_ACCOUNT)
         node_problems, node_observed = check_node(api, node)
         start_controller(cluster, api, args.argo_bin, executor_image)
         watch = PodWatch(api)
         watch.start()
+        if args.workflow:  # an operator's own workflows, nothing else
+            runs = [KfpRun(path, kfp.Expectation(path.name, args.expect)) for path in args.workflow]
+            run_kfp(cluster, api, stand_in, runs, timeout=args.timeout, parallel=args.parallel)
+            print(f"{'workflow':<40}  {'expected':<10}  observed")
+            print_kfp(runs, 40, "")
+            return 1 if any(run.problems for run in runs) or node_problems else 0
         outcomes = []
         for case in CASES:
             if case.prime_cache:
-                prime_hello_cache()
+                prime_hello_cache(plugin_token)
             workflow, outcome = submit(cluster, api, case, args.timeout)
             check_workflow(workflow, outcome, mock_executions())
             pods = [
@@ -1512,8 +1818,23 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             ),
         ]
         measured, measures = guarded(lambda: measure_driver_pods(api, watch, args.timeout))
-        rbac, refusal = check_agent_refused(cluster, watch, node)
-        unsigned = mock_executions().get("_bearer_absent", 0)
+        identity, identity_seen = guarded(
+            lambda: check_identity(cluster, api, plugin_token, args.timeout)
+        )
+        rbac, refusal = check_agent_refused(cluster, watch, node, tls)
+        counted = mock_executions()
+        unsigned = counted.get("_bearer_absent", 0)
+        # The identity row's one refusal and no other: every real call passed its TokenReview.
+        refused = counted.get("_refused", 0) - (0 if identity else 1)
+        corpus = kfp.corpus(args.kfp_workflows) if args.kfp_workflows.is_dir() else []
+        chosen = {expected.file for expected in kfp.SELECTION}
+        kfp_runs = [
+            KfpRun(path, kfp.expectation(path))
+            for path in corpus
+            if args.kfp_corpus or path.name in chosen
+        ]
+        if kfp_runs:
+            run_kfp(cluster, api, stand_in, kfp_runs, timeout=args.timeout, parallel=args.parallel)
     except (LoopError, real_node.NodeError) as error:
         print(f"make loop: {error}", file=sys.stderr)
         for name in (
@@ -1540,6 +1861,22 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         + [f"{row}: {p}" for row, _, problems, _ in faults for p in problems]
         + [f"node: {p}" for p in node_problems]
         + ([f"{unsigned} driver calls came without the plugin's token"] if unsigned else [])
+        + [f"identity: {p}" for p in identity]
+        + ([f"the stand-in refused {refused} calls it should have served"] if refused else [])
+        + [
+            f"kfp/{run.path.name}: {p}"
+            for run in kfp_runs
+            if run.expected in kfp.SELECTION
+            for p in run.problems
+        ]
+        + (
+            [
+                f"KFP's corpus: {len(corpus)} workflows at {args.kfp_workflows}, "
+                f"not {kfp.CORPUS_SIZE}"
+            ]
+            if corpus and len(corpus) != kfp.CORPUS_SIZE
+            else []
+        )
         + (watch.errors if watch else [])
     )
     width = max(len(o.case.file) for o in outcomes)
@@ -1561,10 +1898,27 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         print(
             f"{'10 driver calls, ' + measure.split(':')[0]:<{width}}  {'measured':<10}  {measure}"
         )
-    refused = "FAIL" if rbac else "refused, 0 calls  ok"
-    print(f"{'agent without Role':<{width}}  {'refused':<10}  {refused}")
+    without_role = "FAIL" if rbac else "refused, 0 calls  ok"
+    print(f"{'agent without Role':<{width}}  {'refused':<10}  {without_role}")
     if refusal:
         print(f"  the agent's log: {refusal[:300]}")
+    identity_row = f"{identity_seen}, 0 drivers run  {'FAIL' if identity else 'ok'}"
+    print(f"{'another profile named':<{width}}  {'refused':<10}  {identity_row}")
+    selected = [run for run in kfp_runs if run.expected in kfp.SELECTION]
+    print_kfp(selected, width, "kfp/")
+    if not kfp_runs:
+        print(f"KFP's compiled workflows: none at {args.kfp_workflows} (KFP_WORKFLOWS), not run")
+    elif args.kfp_corpus:
+        good, total, reasons = kfp.tally(
+            (run.path.name, not run.problems, run.problems[0] if run.problems else "")
+            for run in kfp_runs
+        )
+        print(f"KFP's compiled workflows: {good} of {total} ended as expected")
+        for reason, count in reasons.most_common():
+            print(f"  {count:>3} x {reason}")
+        for run in kfp_runs:
+            if run.problems and run.expected not in kfp.SELECTION:
+                print(f"  not as expected: {run.path.name}: {'; '.join(run.problems)[:200]}")
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
     if failures:
@@ -1596,6 +1950,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--timeout", type=float, default=180, help="seconds per workflow (default %(default)s)"
+    )
+    parser.add_argument(
+        "--argo-cli", type=Path, required=True, help="Argo's argo command (executor-plugin build)"
+    )
+    parser.add_argument(
+        "--kfp-workflows",
+        type=Path,
+        default=ROOT.parent / "shared" / "kfp" / "compiled-workflows",
+        help="KFP's compiled workflows, run after the fixed rows (default %(default)s)",
+    )
+    parser.add_argument(
+        "--kfp-corpus",
+        action="store_true",
+        help="run every workflow in --kfp-workflows, not only loop/kfp.py's selection",
+    )
+    parser.add_argument(
+        "--workflow",
+        type=Path,
+        action="append",
+        help="run only this compiled workflow file (repeatable), adapted to the profile",
+    )
+    parser.add_argument(
+        "--expect",
+        default="Succeeded",
+        help="the phase --workflow must end in (default %(default)s)",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=8, help="KFP workflows at once (default %(default)s)"
     )
     parser.add_argument("--keep", type=Path, help="keep logs and state in this new directory")
     args = parser.parse_args(argv)
