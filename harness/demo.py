@@ -37,10 +37,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import mock_driver_server as mock
+from harness import mock_driver_server as mock
 
-HERE = Path(__file__).resolve().parent
-PLUGIN = HERE / "driver_plugin.py"
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN = REPO / "driver_plugin.py"
 HOST = "127.0.0.1"
 # Argo's agent init uses k8s.io/apimachinery rand.String(32): this alphabet, no newline.
 RAND_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
@@ -309,7 +309,7 @@ def run(server: mock.MockDriverServer, work: Path) -> bool:
     print(f"   mock kfp-driver-server  {server.url} (in this process, node shape)")
     with log_path.open("wb") as log:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and file, fixed arguments
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=HERE
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=REPO
         )
     print(f"   driver_plugin.py        http://{HOST}:{port} (pid {proc.pid})")
     ok = False
@@ -348,7 +348,7 @@ def run(server: mock.MockDriverServer, work: Path) -> bool:
 
 def main() -> int:
     if not PLUGIN.is_file():
-        print(f"error: {PLUGIN.name} not found next to demo.py")
+        print(f"error: {PLUGIN.name} not found in {REPO}")
         return 1
     server = mock.make_server(HOST, 0, "node", log=False)
     serving = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)

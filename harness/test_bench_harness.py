@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from bench import harness
-from bench.harness import WrkRun
+from harness.bench import harness
+from harness.bench.harness import WrkRun
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-8[0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -249,7 +249,7 @@ def test_table_lists_every_row_with_ratios_to_direct() -> None:
 
 
 def test_upstream_reply_is_an_argo_succeeded_node() -> None:
-    from bench import upstream
+    from harness.bench import upstream
 
     reply = json.loads(upstream.REPLY)
     assert reply["node"]["phase"] == "Succeeded"

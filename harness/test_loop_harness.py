@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loop import images, node
+from harness.loop import images, node
 
 
 def members(data: bytes) -> dict[str, tarfile.TarInfo]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-import mock_driver_server as mds
+from harness import mock_driver_server as mds
 
 HERE = Path(__file__).resolve().parent
 RUN = mds.DEFAULT_UID
@@ -1171,7 +1171,7 @@ def test_agent_body_rejects_unknown_dialect() -> None:
 # workflows KFP's compiler wrote in plugin mode. Each driver call in them is rebuilt as Argo sends
 # it, after substitution, and the mock must answer every output the template declares.
 
-KFP_WORKFLOWS = HERE.parent / "shared" / "kfp" / "compiled-workflows"
+KFP_WORKFLOWS = HERE.parent.parent / "shared" / "kfp" / "compiled-workflows"
 _TAG = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 CORPUS_UID = "9b2f4c1e-6d3a-4f7b-8e21-0c5d9a7b3f60"
 CORPUS_PARENT = "7"  # a parent DAG's execution ID: any positive integer

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-import mock_driver_server as mds
-from conformance import server as harness
+from harness import mock_driver_server as mds
+from harness.conformance import server as conformance
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 NAMESPACE, FOREIGN = "team-a", "team-b"
 
 
 def run_harness(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python3 -m conformance.server`` from the repository root, as ``make`` runs it."""
+    """``python3 -m harness.conformance.server`` from the repository root, as ``make`` runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "conformance.server", *args],
+        [sys.executable, "-m", "harness.conformance.server", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -36,7 +36,7 @@ def rows(output: str) -> dict[str, str]:
     found = {}
     for line in output.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if len(cells) == 4 and cells[0] in {c.name for c in harness.CASES}:
+        if len(cells) == 4 and cells[0] in {c.name for c in conformance.CASES}:
             found[cells[0]] = cells[2].split(" (")[0]
     return found
 
@@ -81,7 +81,7 @@ def mock() -> Iterator[mds.MockDriverServer]:
 def test_a_server_without_knobs_gets_not_applicable_never_pass(
     mock: mds.MockDriverServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = harness.main(["--upstream", mock.url])
+    code = conformance.main(["--upstream", mock.url])
     out = capsys.readouterr().out
     assert code == 0, out
     results = rows(out)
@@ -149,7 +149,7 @@ def token_file(tmp_path: Path) -> Path:
 
 def identity_run(url: str, token_file: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     args = ["--upstream", url, "--mock-knobs", "--sa-token", str(token_file)]
-    code = harness.main([*args, "--foreign-namespace", FOREIGN, "--case", "identity"])
+    code = conformance.main([*args, "--foreign-namespace", FOREIGN, "--case", "identity"])
     out = capsys.readouterr().out
     assert TOKEN not in out and TOKEN.split(".")[2] not in out
     return code, out
@@ -183,17 +183,17 @@ def test_identity_fails_a_server_that_fails_the_call_instead_of_refusing_it(
 
 
 def test_the_namespace_comes_from_the_token(token_file: Path, tmp_path: Path) -> None:
-    assert harness.token_namespace(token_file) == NAMESPACE
+    assert conformance.token_namespace(token_file) == NAMESPACE
     opaque = tmp_path / "opaque"
     opaque.write_text("not-a-jwt")
-    assert harness.token_namespace(opaque) is None
+    assert conformance.token_namespace(opaque) is None
 
 
 def test_the_parent_task_id_dialect_through_the_plugin(
     mock: mds.MockDriverServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cases = ["--case", "answer-shapes", "--case", "once-per-key-replayed"]
-    code = harness.main(["--upstream", mock.url, "--dialect", "parent_task_id", *cases])
+    code = conformance.main(["--upstream", mock.url, "--dialect", "parent_task_id", *cases])
     out = capsys.readouterr().out
     assert code == 0, out
     assert rows(out) == {"answer-shapes": "pass", "once-per-key-replayed": "pass"}, out

@@ -34,7 +34,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 K8S_VERSION = "1.35.0"  # k8s.io/api of Argo v4.1.x, so also what its strict decoder knows
 PLUGIN_NAME = "driver-plugin"
@@ -72,9 +72,9 @@ KUSTOMIZATIONS = [
 # --load-restrictor=LoadRestrictionsNone (and refuses the root, which contains them, as a base).
 OUTSIDE_FILES = {"deploy/single-user"}
 WORKFLOWS = [
-    "e2e/workflows/dag-succeeds.yaml",
-    "e2e/workflows/driver-fails.yaml",
-    "e2e/workflows/slow-driver.yaml",
+    "harness/e2e/workflows/dag-succeeds.yaml",
+    "harness/e2e/workflows/driver-fails.yaml",
+    "harness/e2e/workflows/slow-driver.yaml",
     "examples/workflow-level-plugin.yaml",
 ]
 KUBECTL = shutil.which("kubectl")
@@ -203,8 +203,8 @@ def _argo_requirement(go_mod: str) -> str:
 
 def test_configmap_builder_pins_the_harness_release() -> None:
     """The ConfigMap is built by the Argo release the agent-conformance harness runs."""
-    builder = _argo_requirement("tools/argo-cli/go.mod")
-    assert builder == _argo_requirement("conformance/agent-v4/go.mod")
+    builder = _argo_requirement("harness/argo-cli/go.mod")
+    assert builder == _argo_requirement("harness/conformance/agent-v4/go.mod")
     readme = (ROOT / "README.md").read_text(encoding="utf-8").replace("**", "")
     assert f"written by Argo {builder}" in readme, "the README names another Argo release"
 
@@ -428,8 +428,8 @@ def _plain_manifests() -> list[str]:
         "deploy/controller-rbac-fix/argo/controller-rbac-fix.yaml",
         "deploy/driver-api-access/role.yaml",
         "deploy/agent-ingress-deny/networkpolicy.yaml",
-        "e2e/manifests/mock-driver-server.yaml",
-        "e2e/profile/kfp-stand-in.yaml",
+        "harness/e2e/manifests/mock-driver-server.yaml",
+        "harness/e2e/profile/kfp-stand-in.yaml",
         CONFIGMAP.name,
     ]
 
@@ -455,11 +455,11 @@ def test_every_yaml_file_is_checked() -> None:
     """New YAML files must be added to one of the checks above (or be a kustomization)."""
     covered = {*(_plain_manifests()), *WORKFLOWS, "plugin.yaml", ".yamllint"}
     covered |= {str(Path(directory) / "kustomization.yaml") for directory in KUSTOMIZATIONS}
-    ours: tuple[str, ...] = ("deploy/", "e2e/", "examples/", "plugin.yaml", "rbac.yaml")
+    ours: tuple[str, ...] = ("deploy/", "harness/e2e/", "examples/", "plugin.yaml", "rbac.yaml")
     ours += ("kustomization.yaml", CONFIGMAP.name)
     found = {str(path.relative_to(ROOT)) for path in _yaml_files()}
     unchecked = {path for path in found if path.startswith(ours)} - covered
-    assert not unchecked, f"not validated by test_manifests.py: {sorted(unchecked)}"
+    assert not unchecked, f"not validated by tests/test_manifests.py: {sorted(unchecked)}"
 
 
 def _yaml_files() -> list[Path]:
@@ -670,7 +670,7 @@ def test_workflow_shape(path: str) -> None:
 
 
 def test_e2e_workflows_exercise_the_issue_cases() -> None:
-    dag = load_one("e2e/workflows/dag-succeeds.yaml")
+    dag = load_one("harness/e2e/workflows/dag-succeeds.yaml")
     templates = {t["name"]: t for t in dag["spec"]["templates"]}
     assert templates["system-container-impl"]["podSpecPatch"] == (
         "{{inputs.parameters.pod-spec-patch}}"
@@ -687,8 +687,8 @@ def test_e2e_workflows_exercise_the_issue_cases() -> None:
         args: dict[str, Any] = driver["plugin"][PLUGIN_NAME]["args"]
         return args
 
-    assert root_args("e2e/workflows/driver-fails.yaml")["mock_fail"]
-    delay = root_args("e2e/workflows/slow-driver.yaml")["mock_delay"]
+    assert root_args("harness/e2e/workflows/driver-fails.yaml")["mock_fail"]
+    delay = root_args("harness/e2e/workflows/slow-driver.yaml")["mock_delay"]
     assert int(delay.removesuffix("s")) > 30, "must outlast the agent's 30 s client timeout"
 
 
@@ -696,7 +696,7 @@ def test_e2e_workflows_exercise_the_issue_cases() -> None:
 
 
 def _run_sh() -> str:
-    return (ROOT / "e2e" / "run.sh").read_text(encoding="utf-8")
+    return (ROOT / "harness" / "e2e" / "run.sh").read_text(encoding="utf-8")
 
 
 def test_e2e_pins_argo_and_uses_the_repository_files() -> None:
@@ -706,15 +706,17 @@ def test_e2e_pins_argo_and_uses_the_repository_files() -> None:
     assert "deploy/controller-rbac-fix/argo" in script
     assert "kind load docker-image" in script
     assert "PROFILE_NS=kubeflow-user-example-com" in script
-    for path in ("e2e/workflows/", "examples/workflow-level-plugin.yaml"):
+    for path in ("harness/e2e/workflows/", "examples/workflow-level-plugin.yaml"):
         assert path in script, path
     # The profile namespace gets exactly what an operator applies (README, step 6).
     assert 'kubectl -n "$PROFILE_NS" apply -f "$ROOT/rbac.yaml"' in script
-    assert 'kubectl -n "$PROFILE_NS" apply -f "$ROOT/e2e/profile/kfp-stand-in.yaml"' in script
+    assert (
+        'kubectl -n "$PROFILE_NS" apply -f "$ROOT/harness/e2e/profile/kfp-stand-in.yaml"' in script
+    )
 
 
 def test_mock_driver_server_deployment() -> None:
-    docs = load_all("e2e/manifests/mock-driver-server.yaml")
+    docs = load_all("harness/e2e/manifests/mock-driver-server.yaml")
     [deployment] = by_kind(docs, "Deployment")
     [service] = by_kind(docs, "Service")
     env = {item["name"]: item["value"] for item in container()["env"]}
@@ -762,7 +764,7 @@ def _run_e2e(bin_dir: Path, tmp_path: Path) -> tuple[int, str, str]:
     log = tmp_path / "shim.log"
     log.touch()
     result = subprocess.run(
-        [bash, str(ROOT / "e2e" / "run.sh")],
+        [bash, str(ROOT / "harness" / "e2e" / "run.sh")],
         capture_output=True,
         text=True,
         check=False,
@@ -831,7 +833,7 @@ def test_e2e_jsonpath_helpers_read_workflow_status(tmp_path: Path) -> None:
     fixture.write_text(json.dumps(_WORKFLOW_FIXTURE))
     script = f"""
 set -euo pipefail
-source {ROOT / "e2e" / "lib.sh"}
+source {ROOT / "harness" / "e2e" / "lib.sh"}
 wf_jsonpath() {{ kubectl label --local -f {fixture} e2e=1 -o "jsonpath=$2"; }}
 echo "phase=$(node_field wf root-driver .phase)"
 echo "message=$(node_field wf root-driver .message)"
@@ -878,8 +880,10 @@ def test_hadolint() -> None:
 
 
 def test_shellcheck() -> None:
-    scripts = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "e2e").glob("*.sh"))
-    assert "e2e/run.sh" in scripts
+    scripts = sorted(
+        str(path.relative_to(ROOT)) for path in (ROOT / "harness" / "e2e").glob("*.sh")
+    )
+    assert "harness/e2e/run.sh" in scripts
     assert_lint_clean(tool("shellcheck"), "-x", *scripts)
 
 
@@ -932,5 +936,5 @@ def test_dockerignore_keeps_only_the_plugin() -> None:
 def test_makefile_targets_match() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "$(ARGO) executor-plugin build" in makefile
-    assert "bash e2e/run.sh" in makefile
+    assert "bash harness/e2e/run.sh" in makefile
     assert _makefile_image() == container()["image"]

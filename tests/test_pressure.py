@@ -56,7 +56,7 @@ from test_driver_plugin import (
     argo_agent_reads,
 )
 
-PLUGIN_SCRIPT = Path(__file__).with_name("driver_plugin.py")
+PLUGIN_SCRIPT = Path(__file__).resolve().parent.parent / "driver_plugin.py"
 SEED = 5  # every random choice below derives from it, so a failure replays the same schedule
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 

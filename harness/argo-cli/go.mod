@@ -1,4 +1,4 @@
-module driver-plugin/tools/argo-cli
+module driver-plugin/harness/argo-cli
 
 go 1.25.7
 

@@ -7,7 +7,7 @@ connection, and the driver's reply passed through as it came, in a single write.
 table, no coalescing or replay, no deadlines, no metrics, no log line: ``make bench`` reports the
 plugin against this to show what those cost.
 
-Run: ``python3 bench/floor.py --port 0 --upstream http://127.0.0.1:N --token-file F``
+Run: ``python3 -m harness.bench.floor --port 0 --upstream http://127.0.0.1:N --token-file F``
 (prints ``listening <port>`` on stdout).
 """
 

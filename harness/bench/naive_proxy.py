@@ -6,7 +6,7 @@ default listen backlog of 5), the body parsed with ``json.loads``, the token com
 and the call forwarded with a fresh ``urllib.request.urlopen`` each time (urllib sends
 ``Connection: close``, so there is no upstream connection reuse either).
 
-Run: ``python3 bench/naive_proxy.py --port 0 --upstream http://127.0.0.1:N --token-file F``
+Run: ``python3 -m harness.bench.naive_proxy --port 0 --upstream http://127.0.0.1:N --token-file F``
 (prints ``listening <port>`` on stdout).
 """
 

@@ -1,14 +1,14 @@
 """Where a call's time goes inside driver_plugin.py: cProfile of every handler thread under wrk.
 
 The plugin runs in this process (``make_server`` + ``serve`` from driver_plugin.py) with a
-``cProfile.Profile`` around each connection thread; bench/upstream.py runs as its own process and
-wrk (with the bench's distinct-body script) loads the plugin for a few seconds. When wrk closes its
+``cProfile.Profile`` around each connection thread; ``upstream.py`` runs as its own process and wrk
+(with the bench's distinct-body script) loads the plugin for a few seconds. When wrk closes its
 connections, the per-thread profiles are merged and the functions are listed by their own time
 and by cumulative time, in microseconds per call: wall time by default (blocking in poll/recv
 shows as time), or each thread's CPU time with ``--cpu``. cProfile slows Python code down (2x or
-more), so read the shares, not the absolute values; ``bench/run.py`` gives unprofiled figures.
+more), so read the shares, not the absolute values; ``make bench`` gives unprofiled figures.
 
-Run: ``.venv/bin/python bench/profile_plugin.py [--clients 1] [--seconds 5] [--top 25]``
+Run: ``.venv/bin/python -m harness.bench.profile_plugin [--clients 1] [--seconds 5] [--top 25]``
 """
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench import harness  # noqa: E402
-from bench.run import (  # noqa: E402
+from harness.bench import harness
+from harness.bench.run import (
     LOOPBACK,
     BenchError,
     Nonces,
@@ -79,8 +74,9 @@ def profile(clients: int, seconds: int, top: int, sort: str, cpu_time: bool) -> 
         procs = Processes(tmp)
         try:
             up_port = free_port()
+            upstream_py = str(Path(harness.__file__).with_name("upstream.py"))
             upstream = procs.start(
-                "upstream", [sys.executable, str(BENCH_DIR / "upstream.py"), "--port", str(up_port)]
+                "upstream", [sys.executable, upstream_py, "--port", str(up_port)]
             )
             wait_ready(procs, upstream, up_port, "/healthz")
             settings = driver_plugin.Settings.from_args(

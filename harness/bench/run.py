@@ -1,10 +1,10 @@
 """`make bench`: the same KFP driver call sent directly and through driver_plugin.py, on loopback.
 
 Paths, each its own process:
-  direct  wrk -> bench/upstream.py (stdlib HTTP/1.1 keep-alive, TCP_NODELAY, one write per reply)
+  direct  wrk -> upstream.py (stdlib HTTP/1.1 keep-alive, TCP_NODELAY, one write per reply)
   plugin  wrk -> driver_plugin.py -> upstream
-  floor   wrk -> bench/floor.py (the least a correct plugin on this stack does) -> upstream
-  naive   wrk -> bench/naive_proxy.py (HTTP/1.0 HTTPServer + urllib per call: the peer pattern)
+  floor   wrk -> floor.py (the least a correct plugin on this stack does) -> upstream
+  naive   wrk -> naive_proxy.py (HTTP/1.0 HTTPServer + urllib per call: the peer pattern)
   nginx   wrk -> nginx with upstream keep-alive -> upstream (the best-possible reference)
 
 The load generator is wrk with a generated Lua script that makes every body distinct (the plugin
@@ -12,7 +12,7 @@ coalesces and replays identical bodies). Paths alternate in short rounds and the
 reported. At 1 client, wrk and the proxy under test share one CPU and the upstream has the other.
 Also measured: the plugin's RSS (idle, after 50k and 100k calls), and its start-up time.
 
-Results: a table on stdout, JSON in bench/results/<UTC time>.json and bench/results/latest.json.
+Results: a table on stdout, JSON in harness/bench/results/<UTC time>.json and latest.json.
 Exit status: 0 (even when a target is missed), 1 when a path returned errors, 2 when the bench
 could not run.
 """
@@ -43,12 +43,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from harness.bench import harness
 
-from bench import harness  # noqa: E402
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent.parent
 
 PLUGIN = REPO / "driver_plugin.py"
 RESULTS = BENCH_DIR / "results"
@@ -595,7 +593,7 @@ class Bench:
         return proc, port
 
     def start_proxy(self, name: str, script: str) -> None:
-        """One of the reference proxies in bench/ (naive_proxy.py, floor.py) on a free port."""
+        """A reference proxy beside this file (naive_proxy.py, floor.py) on a free port."""
         port = free_port()
         cmd = [
             sys.executable,
@@ -1089,7 +1087,7 @@ def run(settings: Settings) -> int:
         report = build_report(bench, stamp, body, extra)
         print_report(sys.stdout, report, bench)
         path = write_results(report, stamp)
-        print(f"\nJSON: {path.relative_to(REPO)} (and bench/results/latest.json)")
+        print(f"\nJSON: {path.relative_to(REPO)} (and harness/bench/results/latest.json)")
     return 1 if bench.errors else 0
 
 

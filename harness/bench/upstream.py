@@ -9,7 +9,7 @@ with a single write. It answers ``POST /api/v1/template.execute`` with a short A
 (reported as JSON on ``GET /stats``) until ``GET /track/stop``; the bench tracks only in its sanity
 check, never in a measured row.
 
-Run: ``python3 bench/upstream.py --port 0`` (prints ``listening <port>`` on stdout).
+Run: ``python3 -m harness.bench.upstream --port 0`` (prints ``listening <port>`` on stdout).
 """
 
 from __future__ import annotations

@@ -25,14 +25,15 @@ The failure and slow cases need a driver that fails once or runs long on request
 server offers the mock's ``GET /calls``, executions per key are counted too (optional evidence:
 the outputs are the contract's observable effect).
 
-Without ``--upstream`` the harness starts ``mock_driver_server.py`` itself (``--break-keys HOW``
-breaks it on purpose); ``--prove`` then also runs every case against each mock that breaks the
-key contract and fails unless each turns a case red. Prints a table per server, exits 0 only if
-no case failed (and, with ``--prove``, every broken mock was caught). Standard library only.
+Without ``--upstream`` the harness starts ``harness/mock_driver_server.py`` itself
+(``--break-keys HOW`` breaks it on purpose); ``--prove`` then also runs every case against each
+mock that breaks the key contract and fails unless each turns a case red. Prints a table per
+server, exits 0 only if no case failed (and, with ``--prove``, every broken mock was caught).
+Standard library only.
 
 Usage (from the repository root)::
 
-    python3 -m conformance.server [--upstream URL [--mock-knobs]] [--prove]
+    python3 -m harness.conformance.server [--upstream URL [--mock-knobs]] [--prove]
         [--sa-token FILE --foreign-namespace NS [--namespace NS]] [--dialect parent_task_id]
 """
 
@@ -58,11 +59,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mock_driver_server as mds
-from conformance.suite import CaseFailed, check
-from conformance.suite import Service as Process
+from harness import mock_driver_server as mds
+from harness.conformance.suite import REPO, CaseFailed, check
+from harness.conformance.suite import Service as Process
 
-REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 PASS, FAIL, NOT_APPLICABLE, NOT_RUN = "pass", "FAIL", "not applicable", "not run"
 WAITING = frozenset({"Pending", "Running"})
@@ -86,7 +86,7 @@ class NotApplicable(Exception):
 
 
 def start_mock(break_keys: str | None = None) -> Process:
-    argv = [PYTHON, str(REPO / "mock_driver_server.py"), "--host=127.0.0.1", "--port=0"]
+    argv = [PYTHON, mds.__file__, "--host=127.0.0.1", "--port=0"]
     if break_keys:
         argv.append(f"--break-keys={break_keys}")
     return Process(f"mock{' --break-keys=' + break_keys if break_keys else ''}", argv)

@@ -2,7 +2,7 @@
 """Argo's own agent drives driver_plugin.py: the real-agent conformance suite.
 
 Every case starts the real plugin (``driver_plugin.py``, a process on loopback with a token file),
-its upstream (``mock_driver_server.py`` with the knobs the case needs) and Argo's real agent
+its upstream (``harness/mock_driver_server.py`` with the knobs the case needs) and Argo's real agent
 (``.build/conformance/agent-v*``: ``executor.NewAgentExecutor`` + ``rpc.New``, built from Argo's
 own module, see ``agent.go``), hands the agent a WorkflowTaskSet of KFP-shaped tasks and asserts
 on what the agent patched into ``status.nodes`` and on what the mock executed.
@@ -15,8 +15,9 @@ must turn at least one case red.
 
 Usage::
 
-    python3 conformance/suite.py --line argo-v4.0.7=.build/conformance/agent-v4 \\
-                                 --line argo-v3.7.18=.build/conformance/agent-v3 [--case NAME ...]
+    python3 -m harness.conformance.suite \\
+        --line argo-v4.0.7=.build/conformance/agent-v4 \\
+        --line argo-v3.7.18=.build/conformance/agent-v3 [--case NAME ...]
 
 Prints a table of cases x Argo lines and exits 0 only when every case passed on every line and
 every mutant was caught. Standard library only.
@@ -45,10 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import mock_driver_server as mds  # noqa: E402  (the repo root is not a package)
-from conformance.plugins import MUTANTS  # noqa: E402
+from harness import mock_driver_server as mds
+from harness.conformance.plugins import MUTANTS
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
 
 PYTHON = sys.executable
 MOCK_MUTANT = "mock:"  # a mutant name with this prefix is a mock that breaks the key contract
@@ -231,7 +233,7 @@ class Plugin:
         self.service = self.start()
         self.url = self.service.url
         if world.mutant:
-            front = [PYTHON, str(REPO / "conformance" / "plugins.py"), "mutant", world.mutant]
+            front = [PYTHON, str(HERE / "plugins.py"), "mutant", world.mutant]
             self.url = world.start("mutant", [*front, f"--backend={self.url}"]).url
 
     def start(self) -> Service:
@@ -281,7 +283,7 @@ class World:
             service.stop()
 
     def mock(self, port: int = 0) -> Service:
-        mock = [PYTHON, str(REPO / "mock_driver_server.py"), "--host=127.0.0.1", f"--port={port}"]
+        mock = [PYTHON, mds.__file__, "--host=127.0.0.1", f"--port={port}"]
         if self.broken_keys:
             mock.append(f"--break-keys={self.broken_keys}")
         return self.start("mock", mock)
@@ -290,7 +292,7 @@ class World:
         return Plugin(self, upstream, list(flags), token_file or self.token_file)
 
     def hello(self, token_file: Path) -> Service:
-        hello = [PYTHON, str(REPO / "conformance" / "plugins.py"), "hello"]
+        hello = [PYTHON, str(HERE / "plugins.py"), "hello"]
         return self.start("hello", [*hello, f"--token-file={token_file}"])
 
     def agent(self, *plugins: tuple[str, Path]) -> Agent:

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Helpers for e2e/run.sh: reading Workflow status and asserting on it with kubectl jsonpath.
-# Sourced, never executed. test_manifests.py runs the jsonpath helpers offline against a
+# Helpers for harness/e2e/run.sh: reading Workflow status and asserting on it with kubectl jsonpath.
+# Sourced, never executed. tests/test_manifests.py runs the jsonpath helpers offline against a
 # Workflow-shaped fixture (wf_jsonpath is the only function that talks to the cluster).
 
 : "${PROFILE_NS:=kubeflow-user-example-com}"

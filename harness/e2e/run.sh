@@ -8,7 +8,7 @@
 #  3. Argo Workflows (pinned release) in `argo`, executor plugins enabled, the controller RBAC
 #     fix (deploy/controller-rbac-fix/argo);
 #  4. the mock kfp-driver-server as Deployment+Service ml-pipeline-driver in `kubeflow`;
-#  5. the profile namespace: rbac.yaml, stand-ins for Kubeflow (e2e/profile) and the plugin ConfigMap;
+#  5. the profile namespace: rbac.yaml, stand-ins for Kubeflow (harness/e2e/profile) and the plugin ConfigMap;
 #  6. workflows shaped like KFP's compiler output: (a) a DAG whose container driver's
 #     pod-spec-patch drives the executor pod, (b) a failing driver call, (c) a driver call
 #     slower than the agent's 30 s timeout, executed once, (d) the workflow-level example;
@@ -20,7 +20,7 @@
 # prints how to reach it).
 set -Eeuo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 IMAGE=${IMAGE:-driver-plugin:0.1.0}
 CLUSTER=${E2E_CLUSTER:-driver-plugin-e2e}
 KIND_NODE_IMAGE=${KIND_NODE_IMAGE:-}
@@ -31,8 +31,8 @@ PROFILE_NS=kubeflow-user-example-com
 CONFIGMAP=$ROOT/driver-plugin-executor-plugin-configmap.yaml
 MOCK_CALLS=/api/v1/namespaces/kubeflow/services/ml-pipeline-driver:http/proxy/calls
 
-# shellcheck source=e2e/lib.sh
-source "$ROOT/e2e/lib.sh"
+# shellcheck source=harness/e2e/lib.sh
+source "$ROOT/harness/e2e/lib.sh"
 
 WORKDIR=""
 CLUSTER_STARTED=0
@@ -62,7 +62,7 @@ preflight() {
     problems+=("python3 is not installed (or not on PATH); the e2e reads JSON with it. Install Python 3.11 or newer.")
   fi
   local file
-  for file in Dockerfile driver_plugin.py mock_driver_server.py driver-plugin-executor-plugin-configmap.yaml rbac.yaml; do
+  for file in Dockerfile driver_plugin.py harness/mock_driver_server.py driver-plugin-executor-plugin-configmap.yaml rbac.yaml; do
     if [[ ! -f $ROOT/$file ]]; then
       problems+=("$file is missing from $ROOT.")
     fi
@@ -230,8 +230,8 @@ deploy_mock() {
   step "mock kfp-driver-server as ml-pipeline-driver.kubeflow:8080"
   kubectl create namespace kubeflow
   kubectl -n kubeflow create configmap mock-driver-server \
-    --from-file=mock_driver_server.py="$ROOT/mock_driver_server.py"
-  with_image <"$ROOT/e2e/manifests/mock-driver-server.yaml" | kubectl apply -f -
+    --from-file=mock_driver_server.py="$ROOT/harness/mock_driver_server.py"
+  with_image <"$ROOT/harness/e2e/manifests/mock-driver-server.yaml" | kubectl apply -f -
   kubectl -n kubeflow rollout status deployment/ml-pipeline-driver --timeout=180s
 }
 
@@ -241,7 +241,7 @@ deploy_profile() {
   # What Kubeflow would already have created, then the operator's command (README, step 6).
   # In this order: the token controller deletes a token Secret whose service account does not
   # exist yet, and rbac.yaml's default-editor Secret would be gone (make loop showed it).
-  kubectl -n "$PROFILE_NS" apply -f "$ROOT/e2e/profile/kfp-stand-in.yaml"
+  kubectl -n "$PROFILE_NS" apply -f "$ROOT/harness/e2e/profile/kfp-stand-in.yaml"
   kubectl -n "$PROFILE_NS" apply -f "$ROOT/rbac.yaml"
   with_image <"$CONFIGMAP" | kubectl -n "$PROFILE_NS" apply -f -
   local i secret token
@@ -275,7 +275,7 @@ deploy_profile() {
 
 test_dag() {
   step "(a) KFP hello-world DAG: root driver, container driver, executor pod from the pod spec patch"
-  submit "$ROOT/e2e/workflows/dag-succeeds.yaml"
+  submit "$ROOT/harness/e2e/workflows/dag-succeeds.yaml"
   local wf=$CURRENT_WF
   expect_eq "workflow phase" "$(wait_done "$wf" 420)" Succeeded
   expect_eq "root-driver node type" "$(node_field "$wf" root-driver .type)" Plugin
@@ -300,7 +300,7 @@ test_dag() {
 
 test_failure() {
   step "(b) a failing driver call fails its node with the driver's reason"
-  submit "$ROOT/e2e/workflows/driver-fails.yaml"
+  submit "$ROOT/harness/e2e/workflows/driver-fails.yaml"
   local wf=$CURRENT_WF
   expect_eq "workflow phase" "$(wait_done "$wf" 300)" Failed
   expect_eq "root-driver node phase" "$(node_field "$wf" root-driver .phase)" Failed
@@ -311,7 +311,7 @@ test_failure() {
 test_slow() {
   step "(c) a 45 s driver call (Argo's client timeout is 30 s): Succeeded, executed once"
   local started=$SECONDS
-  submit "$ROOT/e2e/workflows/slow-driver.yaml"
+  submit "$ROOT/harness/e2e/workflows/slow-driver.yaml"
   local wf=$CURRENT_WF uid ready="" pod="" i
   # While the call runs, the agent pod exists: its driver-plugin container must be Ready, which
   # its readiness probe (/readyz) only reports once the agent token file is readable (uid 8737).

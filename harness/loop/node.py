@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from loop import images
+from harness.loop import images
 
 NODE_NAME = "loop-node"
 BRIDGE = "loop-cni0"

@@ -29,8 +29,8 @@ What is not a pod: the control plane, the controller, CoreDNS and the mock run a
 on the host (their Services have hand-written EndpointSlices), as a kubeadm control plane's
 static pods would run there.
 
-Usage: loop/run.py --kube BIN --coredns BIN --plugin-image TAR --argo-bin DIR
-                   --argo-version VERSION [--keep DIR]
+Usage: python3 -m harness.loop.run --kube BIN --coredns BIN --plugin-image TAR --argo-bin DIR
+                                  --argo-version VERSION [--keep DIR]
 Exit status 0 when every workflow ended as expected; a table of expected/observed on stdout.
 """
 
@@ -57,11 +57,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from harness import mock_driver_server
+from harness.loop import node as real_node
 
-from loop import node as real_node  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 PROFILE = "kubeflow-user-example-com"
 ARGO_NAMESPACE = "argo"
@@ -72,7 +71,7 @@ MOCK_ADDRESS = (real_node.GATEWAY, 8080)
 PLUGIN_UID = 8737
 # What a profile namespace gets, in this order (install() says why).
 FOR_PROFILE = (
-    "e2e/profile/kfp-stand-in.yaml",
+    "harness/e2e/profile/kfp-stand-in.yaml",
     "rbac.yaml",
     "driver-plugin-executor-plugin-configmap.yaml",
 )
@@ -589,7 +588,7 @@ ANY = "*"  # an output that must be there, with any non-empty value
 
 CASES = (
     Case(
-        "loop/workflows/root-driver.yaml",
+        "harness/loop/workflows/root-driver.yaml",
         "Succeeded",
         {
             "root-driver": (
@@ -601,7 +600,7 @@ CASES = (
         {"ROOT_DAG/-1": 1},
     ),
     Case(
-        "loop/workflows/hello-cached.yaml",
+        "harness/loop/workflows/hello-cached.yaml",
         "Succeeded",
         {
             "root-driver": ("Succeeded", "", {"execution-id": ANY}),
@@ -617,7 +616,7 @@ CASES = (
         prime_cache=True,
     ),
     Case(
-        "loop/workflows/condition-false.yaml",
+        "harness/loop/workflows/condition-false.yaml",
         "Succeeded",
         {
             "echo-driver": ("Succeeded", "", {"condition": "false", "cached-decision": "false"}),
@@ -626,13 +625,14 @@ CASES = (
         {"ROOT_DAG/-1": 1, "echo/-1": 1},
     ),
     Case(
-        "e2e/workflows/driver-fails.yaml",
+        "harness/e2e/workflows/driver-fails.yaml",
         "Failed",
         {"root-driver": ("Failed", "driver execution failed: e2e injected driver failure", {})},
         {"ROOT_DAG/-1": 1},
     ),
     Case(
-        "e2e/workflows/slow-driver.yaml",  # 45 s: longer than the agent's 30 s client timeout
+        # 45 s: longer than the agent's 30 s client timeout
+        "harness/e2e/workflows/slow-driver.yaml",
         "Succeeded",
         {"root-driver": ("Succeeded", "", {"execution-id": ANY})},
         {"ROOT_DAG/-1": 1},
@@ -767,7 +767,7 @@ def check_pod_spec_patch(
     busybox through Argo's emissary) and the workflow succeeds. Then the workflow is deleted
     and the garbage collector removes its pods.
     """
-    created = cluster.create_workflow(PROFILE, "e2e/workflows/dag-succeeds.yaml")
+    created = cluster.create_workflow(PROFILE, "harness/e2e/workflows/dag-succeeds.yaml")
     name = created["metadata"]["name"]
     selector = urllib.parse.quote(
         f"workflows.argoproj.io/workflow={name},workflows.argoproj.io/component!=agent"
@@ -887,7 +887,7 @@ def check_side_by_side(
 
 # Faults a cluster brings #####################################################################
 
-SLOW = "loop/workflows/slow-15s.yaml"  # one driver call the mock answers after 15 s
+SLOW = "harness/loop/workflows/slow-15s.yaml"  # one driver call the mock answers after 15 s
 SLOW_KEY = "ROOT_DAG/-1"
 
 
@@ -1122,9 +1122,6 @@ def ten_steps(mode: str) -> Json:
     sidecar make them all); "pods": each a driver pod, as KFP's released compiler runs drivers,
     here a busybox stand-in that POSTs the same body the agent sends to the mock through the
     same Service (one pod per step, with Argo's init and wait containers)."""
-    sys.path.insert(0, str(ROOT))
-    import mock_driver_server  # noqa: PLC0415 - the repository's mock, beside this harness
-
     task = {
         "cachingOptions": {},
         "componentRef": {"name": "comp-echo"},
@@ -1403,9 +1400,6 @@ def mock_executions() -> Json:
 
 def prime_hello_cache() -> None:
     """hello-world's echo call, once, as an earlier run of the pipeline made it."""
-    sys.path.insert(0, str(ROOT))
-    import mock_driver_server  # noqa: PLC0415 - the repository's mock, beside this harness
-
     answer = mock_call(
         "POST",
         "/api/v1/template.execute",
@@ -1454,7 +1448,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             "mock-driver-server",
             [
                 sys.executable,
-                str(ROOT / "mock_driver_server.py"),
+                mock_driver_server.__file__,
                 "--host",
                 MOCK_ADDRESS[0],
                 "--port",
@@ -1550,7 +1544,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             f"{'FAIL' if outcome.problems else 'ok'}"
         )
     patch_row = f"{patched_main}  {'FAIL' if patched else 'ok'}"
-    print(f"{'e2e/workflows/dag-succeeds.yaml':<{width}}  {'Succeeded':<10}  {patch_row}")
+    print(f"{'harness/e2e/workflows/dag-succeeds.yaml':<{width}}  {'Succeeded':<10}  {patch_row}")
     node_row = f"{node_observed}  {'FAIL' if node_problems else 'ok'}"
     print(f"{'busybox pod on ' + real_node.NODE_NAME:<{width}}  {'Succeeded':<10}  {node_row}")
     paired_row = f"{paired_observed}  {'FAIL' if paired else 'ok'}"

@@ -1,4 +1,4 @@
-module driver-plugin/conformance/agent-v3
+module driver-plugin/harness/conformance/agent-v3
 
 go 1.25.7
 

@@ -1,4 +1,4 @@
-module driver-plugin/loop/coredns
+module driver-plugin/harness/loop/coredns
 
 go 1.25.0
 

@@ -1,4 +1,4 @@
-module driver-plugin/loop/kube
+module driver-plugin/harness/loop/kube
 
 go 1.25
 
