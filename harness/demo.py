@@ -27,8 +27,6 @@ import http.client
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import mock_driver_server as mock
+from harness.support import Processes, free_port, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "driver_plugin.py"
@@ -185,12 +184,6 @@ def verdict(ok: bool, why: str) -> bool:
 # Processes ####
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_healthy(proc: subprocess.Popen[bytes], port: int) -> str | None:
     """None once ``/healthz`` answers 200; otherwise why not."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -208,18 +201,6 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int) -> str | None:
             conn.close()
         time.sleep(0.05)
     return f"driver_plugin.py did not answer /healthz within {STARTUP_TIMEOUT:g}s"
-
-
-def stop_plugin(proc: subprocess.Popen[bytes]) -> int | None:
-    """SIGTERM and wait; None if it had to be killed."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return None
 
 
 def print_log(path: Path, limit: int = 40) -> None:
@@ -286,7 +267,7 @@ def run(server: mock.MockDriverServer, work: Path) -> bool:
     token_file = work / "token"
     token_file.write_text(token, encoding="ascii")  # no newline, like Argo's agent init
     sa_token_file = work / "no-such-dir" / "sa-token"  # absent: the plugin omits upstream auth
-    log_path = work / "driver_plugin.stderr"
+    log_path = work / "driver_plugin.log"
     port = free_port()
     command = [
         sys.executable,
@@ -307,10 +288,7 @@ def run(server: mock.MockDriverServer, work: Path) -> bool:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRIVER_PLUGIN_")}
     print("driver-plugin demo: a KFP hello-world run's driver calls, as Argo's agent sends them")
     print(f"   mock kfp-driver-server  {server.url} (in this process, node shape)")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and file, fixed arguments
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=REPO
-        )
+    proc = Processes(work, env=env, cwd=REPO).start(log_path.stem, command)
     print(f"   driver_plugin.py        http://{HOST}:{port} (pid {proc.pid})")
     ok = False
     try:
@@ -327,7 +305,7 @@ def run(server: mock.MockDriverServer, work: Path) -> bool:
     except OSError as exc:
         print(f"\nerror: talking to driver_plugin.py failed: {exc}")
     finally:
-        status = stop_plugin(proc)
+        status = stop_group(proc, STOP_TIMEOUT)
     print("\nmock kfp-driver-server executions (run/task/iteration: count):")
     calls = server.driver.calls()
     for key, count in calls.items():

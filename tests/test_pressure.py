@@ -46,6 +46,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import driver_plugin as dp
+from harness.support import wait_for
 from test_driver_plugin import (
     TOKEN,
     AgentView,
@@ -58,6 +59,8 @@ from test_driver_plugin import (
 
 PLUGIN_SCRIPT = Path(__file__).resolve().parent.parent / "driver_plugin.py"
 SEED = 5  # every random choice below derives from it, so a failure replays the same schedule
+# How long a test waits for what only the OS or another process can report.
+WITHIN: dict[str, Any] = {"timeout": 20.0, "interval": 0.01, "error": AssertionError}
 AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
 
@@ -121,15 +124,6 @@ def back_to_idle(
         if time.monotonic() > deadline:
             pytest.fail(f"not back to idle: threads {sorted(threads)}, sockets {sorted(sockets)}")
         time.sleep(0.02)  # waiting for the OS: threads to end and sockets to close
-
-
-def wait_for(condition: Callable[[], bool], what: str, within: float = 20.0) -> None:
-    """Poll for state only the OS or another process can report; fail after ``within``."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def unexpected_errors(plugin: Plugin) -> list[str]:
@@ -679,8 +673,9 @@ def test_slow_header_senders_do_not_delay_a_normal_call(
         assert first_round.wait(10)
         # Every slow connection holds a plugin thread, stuck in the middle of its headers.
         wait_for(
-            lambda: len(baseline.new_threads()) >= SLOW_CLIENTS + 1,  # and the trickler
             "the plugin to take every slow connection",
+            lambda: len(baseline.new_threads()) >= SLOW_CLIENTS + 1,  # and the trickler
+            **WITHIN,
         )
         view = plugin.agent(task_call("normal"))
         assert (view.phase, view.outputs) == ("Succeeded", {"run": "normal"})
@@ -943,11 +938,12 @@ def test_sigterm_under_load_answers_every_call_in_flight_and_exits_0(
         for _ in bodies:
             assert driver.received.acquire(timeout=10)
         wait_for(
-            lambda: gauge(port, "driver_plugin_in_flight_calls") == len(calls),
             "every call to be in flight",
+            lambda: gauge(port, "driver_plugin_in_flight_calls") == len(calls),
+            **WITHIN,
         )
         process.send_signal(signal.SIGTERM)
-        wait_for(lambda: refused(port), "the plugin to stop accepting connections")
+        wait_for("the plugin to stop accepting connections", lambda: refused(port), **WITHIN)
         # A new call on a connection opened before the signal: the defined 503, which the
         # agent retries; it is not forwarded.
         idle.request("POST", dp.EXECUTE_PATH, task_call("too-late"), AUTH)

@@ -28,17 +28,16 @@ from typing import Any
 
 from harness.bench import harness
 from harness.bench.run import (
-    LOOPBACK,
     BenchError,
     Nonces,
-    Processes,
     Wrk,
+    child_env,
     ensure_tool,
     find_tool,
-    free_port,
     pin,
     wait_ready,
 )
+from harness.support import LOOPBACK, Processes, free_port
 
 
 def profile(clients: int, seconds: int, top: int, sort: str, cpu_time: bool) -> int:
@@ -71,7 +70,7 @@ def profile(clients: int, seconds: int, top: int, sort: str, cpu_time: bool) -> 
     with tempfile.TemporaryDirectory(prefix="driver-plugin-profile-") as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "token").write_text(token)
-        procs = Processes(tmp)
+        procs = Processes(tmp, env=child_env(), cwd=tmp)
         try:
             up_port = free_port()
             upstream_py = str(Path(harness.__file__).with_name("upstream.py"))

@@ -44,6 +44,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from harness.bench import harness
+from harness.support import LOOPBACK, Processes, free_port, stop_group
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent.parent
@@ -51,7 +52,7 @@ REPO = BENCH_DIR.parent.parent
 PLUGIN = REPO / "driver_plugin.py"
 RESULTS = BENCH_DIR / "results"
 ALL_PATHS = ("direct", "plugin", "floor", "naive", "nginx")
-LOOPBACK = "127.0.0.1"
+
 PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -216,73 +217,6 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def stop_group(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
-    """SIGTERM the process group of ``proc`` (its own session), SIGKILL it after ``grace``."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if proc.returncode is not None and sig == signal.SIGKILL:
-            break
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(wait)
-            # the leader is gone; make sure nothing it started (nginx workers) outlives it
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-class Processes:
-    """Every long-running child of the bench; ``stop_all`` ends them (in reverse order)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.running: list[subprocess.Popen[bytes]] = []
-        self.logs: dict[int, Path] = {}
-
-    def start(
-        self, name: str, cmd: list[str], env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        log_path = self.tmp / f"{name}.log"
-        with log_path.open("ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**child_env(), **(env or {})},
-                cwd=self.tmp,
-            )
-        self.running.append(proc)
-        self.logs[proc.pid] = log_path
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        stop_group(proc)
-        if proc in self.running:
-            self.running.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self.running)):
-            self.stop(proc)
-
-    def log_tail(self, proc: subprocess.Popen[bytes], lines: int = 15) -> str:
-        path = self.logs.get(proc.pid)
-        if path is None or not path.exists():
-            return ""
-        text = path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
     try:
@@ -310,7 +244,7 @@ def wait_ready(
     deadline = started + limit_s
     while time.perf_counter() < deadline:
         if proc.poll() is not None:
-            raise BenchError(f"exited with {proc.returncode}:\n{procs.log_tail(proc)}")
+            raise BenchError(f"exited with {proc.returncode}:\n{procs.tail(proc, 15)}")
         try:
             if health_path is None:
                 with socket.create_connection((LOOPBACK, port), timeout=1.0):
@@ -320,7 +254,7 @@ def wait_ready(
         except OSError:
             pass
         time.sleep(pause_s)
-    raise BenchError(f"not ready after {limit_s:.0f} s:\n{procs.log_tail(proc)}")
+    raise BenchError(f"not ready after {limit_s:.0f} s:\n{procs.tail(proc, 15)}")
 
 
 def cpu_seconds(root: int) -> float:
@@ -553,7 +487,7 @@ class Bench:
     # -- processes ------------------------------------------------------------------------
 
     def plugin_env(self) -> dict[str, str]:
-        return {"PYTHONPATH": str(REPO), **dict(self.settings.plugin_env)}
+        return {**child_env(), "PYTHONPATH": str(REPO), **dict(self.settings.plugin_env)}
 
     def plugin_cmd(self, port: int) -> list[str]:
         # As the image starts it: ``-m`` with the bytecode compiled beforehand (see prepare()).
@@ -1032,7 +966,7 @@ def run(settings: Settings) -> int:
                 {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
             )
         )
-        procs = Processes(tmp)
+        procs = Processes(tmp, env=child_env(), cwd=tmp)
         bench = Bench(
             settings=settings,
             tmp=tmp,

@@ -34,7 +34,6 @@ import queue
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from typing import Any
 
 from harness import mock_driver_server as mds
 from harness.conformance.plugins import MUTANTS
+from harness.support import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -206,12 +206,6 @@ class Agent:
 
 
 # One case's world ####
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Plugin:

@@ -176,7 +176,7 @@ class Node:
         kube: Path,
         workdir: Path,
         start: Callable[[str, Sequence[str]], subprocess.Popen[bytes]],
-        stop: Callable[[subprocess.Popen[bytes]], None],
+        stop: Callable[[subprocess.Popen[bytes]], object],
     ) -> None:
         self.kube = kube
         self.dir = workdir / "node"

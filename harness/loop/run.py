@@ -44,7 +44,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from typing import Any
 
 from harness import mock_driver_server
 from harness.loop import node as real_node
+from harness.support import HarnessError, Processes, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -81,79 +81,8 @@ WORKFLOW_ACCOUNT = "default-editor"  # the account KFP runs profile workflows as
 Json = dict[str, Any]
 
 
-class LoopError(Exception):
-    """The loop could not run or a workflow did not end as expected."""
-
-
-# Processes ###################################################################################
-
-
-class Processes:
-    """Every process the loop starts, each logging to <workdir>/logs/<name>.log."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.logs = workdir / "logs"
-        self.logs.mkdir(parents=True)
-        self._running: list[subprocess.Popen[bytes]] = []
-
-    def start(
-        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        # --pdeathsig: nothing outlives the harness, even when it is killed.
-        process = subprocess.Popen(
-            ["setpriv", "--pdeathsig", "KILL", "--", *argv],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
-        )
-        log.close()
-        self._running.append(process)
-        return process
-
-    def stop(self, process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def stop_all(self) -> None:
-        for process in reversed(self._running):
-            self.stop(process)
-
-    def tail(self, name: str, lines: int = 30) -> str:
-        path = self.logs / f"{name}.log"
-        if not path.exists():
-            return f"(no {path.name})"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
-    """Poll probe() until it returns something truthy; LoopError after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = probe()
-        except (OSError, LoopError) as error:
-            last_error = error
-        else:
-            if result:
-                return result
-        time.sleep(interval)
-    raise LoopError(
-        f"timed out after {timeout:.0f} s waiting for {what}"
-        + (f" ({last_error})" if last_error else "")
-    )
+# The loop's failures: it could not run, or a workflow did not end as expected.
+LoopError = HarnessError
 
 
 # The API ####################################################################################
@@ -1420,7 +1349,7 @@ def guarded(check: Callable[[], tuple[list[str], Any]]) -> tuple[list[str], Any]
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
-    processes = Processes(workdir)
+    processes = Processes(workdir / "logs", prefix=("setpriv", "--pdeathsig", "KILL", "--"))
     watch: PodWatch | None = None
     node = real_node.Node(args.kube, workdir, processes.start, processes.stop)
     try:
