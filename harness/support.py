@@ -1,4 +1,5 @@
-"""What every harness shares: child processes and their logs, free ports, bounded waiting.
+"""What every harness shares: child processes and their logs, free ports, bounded waiting, and
+the agent-call model: the body Argo's agent sends and what the agent makes of a reply.
 
 Standard library only. ``harness/mock_driver_server.py`` stays a single file that runs alone (the
 e2e copies it into a ConfigMap), so it imports nothing from here.
@@ -7,12 +8,16 @@ e2e copies it into a ConfigMap), so it imports nothing from here.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +142,120 @@ class Processes:
         if not path.is_file():
             return f"(no {path.name})"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# The Argo agent, as a model ####
+# What the real Go agent (Argo v4.1, workflow/util/plugin/plugin.go and
+# workflow/executor/agent.go) sends and does with a plugin's answer. Argo's own phases, not the
+# plugin's word for them.
+
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Error", "Skipped", "Omitted"})
+RUNNING_PHASES = frozenset({"Pending", "Running"})
+
+
+class AgentMisread(AssertionError):
+    """The real agent would do the wrong thing with this reply."""
+
+
+@dataclass
+class AgentView:
+    """What the agent ends up doing with one plugin reply."""
+
+    kind: str  # "node" (a result), "not_mine" (next plugin), "retry" (503), "fail" (node Failed)
+    phase: str = ""
+    message: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+    requeue: float = 0.0
+
+
+_GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
+
+
+def go_parse_duration(text: str) -> float:
+    """time.ParseDuration, enough of it: raise ValueError where Go returns an error."""
+    if text == "0":
+        return 0.0
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
+    if not body:
+        raise ValueError(f"time: invalid duration {text!r}")
+    scale = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    total, position = 0.0, 0
+    while position < len(body):
+        match = _GO_DURATION.match(body, position)
+        if match is None:
+            raise ValueError(f"time: invalid duration {text!r}")
+        total += float(match.group(1)) * scale[match.group(2)]
+        position = match.end()
+    if total > 9_223_372_036:  # time.Duration is int64 nanoseconds
+        raise ValueError(f"time: invalid duration {text!r}")
+    return sign * total
+
+
+def argo_agent_reads(status: int, body: bytes) -> AgentView:
+    """Judge a reply the way the agent does; raise AgentMisread where the agent would go wrong."""
+    text = body.decode("utf-8", "replace")
+    if status == 404:
+        raise AgentMisread("404 disables the plugin for the rest of the workflow")
+    if status == 503:
+        return AgentView("retry", message=text)
+    if status != 200:
+        if 200 <= status < 300:
+            raise AgentMisread(f"{status} is not 200: the agent fails the node")
+        # Go's resp.Status, then the body verbatim (a trailing newline shows in the UI).
+        phrase = HTTPStatus(status).phrase
+        return AgentView("fail", phase="Failed", message=f"{status} {phrase}: {text}")
+    try:
+        reply = json.loads(body)
+    except ValueError as error:
+        raise AgentMisread(f"200 with undecodable JSON fails the node: {error}") from None
+    if reply is None or (isinstance(reply, dict) and reply.get("node") is None):
+        if isinstance(reply, dict) and reply.get("requeue") is not None:
+            raise AgentMisread("a requeue without a node carries over to the next plugin")
+        return AgentView("not_mine")
+    if not isinstance(reply, dict) or not isinstance(reply["node"], dict):
+        raise AgentMisread(f"reply does not decode into ExecuteTemplateReply: {text[:100]}")
+    node, requeue = reply["node"], reply.get("requeue")
+    seconds = 0.0
+    if requeue is not None:
+        if not isinstance(requeue, str):
+            raise AgentMisread(f"requeue {requeue!r} is not a Go duration string")
+        try:
+            seconds = go_parse_duration(requeue)
+        except ValueError as error:
+            raise AgentMisread(str(error)) from None
+    phase = node.get("phase")
+    if not isinstance(phase, str) or phase not in TERMINAL_PHASES | RUNNING_PHASES:
+        raise AgentMisread(f"phase {phase!r} leaves the node unfulfilled for ever")
+    if phase in RUNNING_PHASES and seconds <= 0:
+        raise AgentMisread(f"{phase} without a positive requeue is never asked again")
+    if phase in TERMINAL_PHASES and phase != "Succeeded" and seconds > 0:
+        raise AgentMisread(f"{phase} with a requeue makes the agent call a pruned task again")
+    outputs: dict[str, str] = {}
+    for parameter in (node.get("outputs") or {}).get("parameters") or []:
+        value = parameter.get("value")
+        if not isinstance(value, str):
+            raise AgentMisread(f"parameter {parameter.get('name')!r} value {value!r} is no string")
+        if not re.fullmatch(r"[-a-zA-Z0-9_]+", parameter["name"]):
+            raise AgentMisread(f"parameter name {parameter['name']!r} is invalid")
+        outputs[parameter["name"]] = value
+    message = node.get("message", "")
+    if not isinstance(message, str):
+        raise AgentMisread(f"message {message!r} is not a string")
+    return AgentView("node", phase, message, outputs, seconds if phase != "Succeeded" else 0.0)
+
+
+def agent_call(
+    args: dict[str, Any] | None = None,
+    outputs: list[dict[str, Any]] | None = None,
+    plugin_key: str = "driver-plugin",
+) -> bytes:
+    """A body exactly as the Argo agent sends it: compact JSON, no trailing newline."""
+    template = {
+        "name": "system-container-driver",
+        "inputs": {"parameters": [{"name": "task-name", "value": "echo"}]},
+        "outputs": {"parameters": outputs or []},
+        "metadata": {},
+        "plugin": {plugin_key: {"args": args or {"type": "CONTAINER", "task_name": "echo"}}},
+    }
+    workflow = {"metadata": {"name": "hello-x7k2p", "namespace": "team-a", "uid": "9d2c-41"}}
+    return json.dumps({"workflow": workflow, "template": template}, separators=(",", ":")).encode()

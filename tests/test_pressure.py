@@ -46,16 +46,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import driver_plugin as dp
-from harness.support import wait_for
-from test_driver_plugin import (
-    TOKEN,
-    AgentView,
-    Answer,
-    FakeDriver,
-    Plugin,
-    agent_call,
-    argo_agent_reads,
-)
+from harness.loopback import TOKEN, Answer, FakeDriver, Plugin
+from harness.support import AgentView, agent_call, argo_agent_reads, wait_for
 
 PLUGIN_SCRIPT = Path(__file__).resolve().parent.parent / "driver_plugin.py"
 SEED = 5  # every random choice below derives from it, so a failure replays the same schedule
