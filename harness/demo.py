@@ -30,13 +30,12 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import mock_driver_server as mock
-from harness.support import Processes, free_port, stop_group
+from harness.support import Processes, free_port, serving, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "driver_plugin.py"
@@ -328,16 +327,11 @@ def main() -> int:
     if not PLUGIN.is_file():
         print(f"error: {PLUGIN.name} not found in {REPO}")
         return 1
-    server = mock.make_server(HOST, 0, "node", log=False)
-    serving = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)
-    serving.start()
-    try:
-        with tempfile.TemporaryDirectory(prefix="driver-plugin-demo-") as tmp:
-            ok = run(server, Path(tmp))
-    finally:
-        server.shutdown()
-        server.server_close()
-        serving.join(timeout=10)
+    with (
+        serving(mock.make_server(HOST, 0, "node", log=False)) as server,
+        tempfile.TemporaryDirectory(prefix="driver-plugin-demo-") as tmp,
+    ):
+        ok = run(server, Path(tmp))
     print("\ndemo OK" if ok else "\ndemo FAILED")
     return 0 if ok else 1
 

@@ -13,17 +13,22 @@ import os
 import re
 import signal
 import socket
+import socketserver
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "driver_plugin.py"
+
+
+Server = TypeVar("Server", bound=socketserver.BaseServer)
 
 
 class HarnessError(Exception):
@@ -65,6 +70,19 @@ def wait_for(
                 f"timed out after {timeout:g}s waiting for {what}" + (f" ({last})" if last else "")
             )
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def serving(server: Server) -> Iterator[Server]:
+    """``server`` served from a thread of this process until the block ends, then closed."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def stop_group(process: subprocess.Popen[Any], grace: float = 10.0) -> int | None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from harness import mock_driver_server as mds
+from harness.support import serving
 
 HERE = Path(__file__).resolve().parent
 RUN = mds.DEFAULT_UID
@@ -47,13 +48,8 @@ class Reply:
 
 
 def _serving(shape: str, **options: Any) -> Iterator[mds.MockDriverServer]:
-    srv = mds.make_server(shape=shape, log=False, **options)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    with serving(mds.make_server(shape=shape, log=False, **options)) as srv:
+        yield srv
 
 
 @pytest.fixture

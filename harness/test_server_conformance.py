@@ -6,7 +6,6 @@ import base64
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from harness import mock_driver_server as mds
 from harness.conformance import server as conformance
+from harness.support import serving
 
 REPO = Path(__file__).resolve().parent.parent
 NAMESPACE, FOREIGN = "team-a", "team-b"
@@ -64,18 +64,10 @@ def test_a_mock_that_does_not_join_a_key_in_flight_fails() -> None:
     assert "FAILED" in done.stdout
 
 
-def _serving(srv: mds.MockDriverServer) -> Iterator[mds.MockDriverServer]:
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
-
-
 @pytest.fixture
 def mock() -> Iterator[mds.MockDriverServer]:
-    yield from _serving(mds.make_server(log=False))
+    with serving(mds.make_server(log=False)) as srv:
+        yield srv
 
 
 def test_a_server_without_knobs_gets_not_applicable_never_pass(
@@ -130,14 +122,16 @@ class FailsForeignCalls(IdentityHandler):
 def checking() -> Iterator[mds.MockDriverServer]:
     srv = mds.make_server(log=False)
     srv.RequestHandlerClass = IdentityHandler
-    yield from _serving(srv)
+    with serving(srv):
+        yield srv
 
 
 @pytest.fixture
 def failing() -> Iterator[mds.MockDriverServer]:
     srv = mds.make_server(log=False)
     srv.RequestHandlerClass = FailsForeignCalls
-    yield from _serving(srv)
+    with serving(srv):
+        yield srv
 
 
 @pytest.fixture
