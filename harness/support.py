@@ -85,6 +85,23 @@ def serving(server: Server) -> Iterator[Server]:
         thread.join(timeout=10)
 
 
+def serve_until_signalled(server: socketserver.BaseServer, port: int) -> int:
+    """Serve ``server`` in this thread until SIGTERM or SIGINT, after ``listening <port>`` on
+    stdout: the main loop of the bench's stand-in servers."""
+
+    def stop(signum: int, frame: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"listening {port}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+    return 0
+
+
 def stop_group(process: subprocess.Popen[Any], grace: float = 10.0) -> int | None:
     """SIGTERM the session ``process`` leads, SIGKILL it after ``grace`` seconds.
 

@@ -17,12 +17,11 @@ import argparse
 import hmac
 import http.client
 import json
-import signal
 import sys
-import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType
+
+from harness.support import serve_until_signalled
 
 EXECUTE_PATH = "/api/v1/template.execute"
 
@@ -89,18 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     server.upstream_host, server.upstream_port = url.hostname or "", url.port or 80
     with open(args.token_file, "rb") as token_file:
         server.token = token_file.read().strip()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"listening {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.server_close()
-    return 0
+    return serve_until_signalled(server, server.server_address[1])
 
 
 if __name__ == "__main__":

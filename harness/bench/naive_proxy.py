@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from types import FrameType
+
+from harness.support import serve_until_signalled
 
 
 class Server(HTTPServer):
@@ -71,18 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     server.upstream = args.upstream.rstrip("/")
     with open(args.token_file, encoding="utf-8") as token_file:
         server.token = token_file.read()
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"listening {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.server_close()
-    return 0
+    return serve_until_signalled(server, server.server_address[1])
 
 
 if __name__ == "__main__":

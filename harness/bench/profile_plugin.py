@@ -73,9 +73,8 @@ def profile(clients: int, seconds: int, top: int, sort: str, cpu_time: bool) -> 
         procs = Processes(tmp, env=child_env(), cwd=tmp)
         try:
             up_port = free_port()
-            upstream_py = str(Path(harness.__file__).with_name("upstream.py"))
             upstream = procs.start(
-                "upstream", [sys.executable, upstream_py, "--port", str(up_port)]
+                "upstream", [sys.executable, "-m", "harness.bench.upstream", "--port", str(up_port)]
             )
             wait_ready(procs, upstream, up_port, "/healthz")
             settings = driver_plugin.Settings.from_args(

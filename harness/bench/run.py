@@ -207,13 +207,15 @@ def tool_version(cmd: list[str]) -> str:
 
 
 def child_env() -> dict[str, str]:
-    """The environment for every child: no proxy variables (urllib obeys them), no plugin env."""
+    """The environment for every child: no proxy variables (urllib obeys them), no plugin env,
+    the repository on PYTHONPATH (the stand-ins run as ``-m harness.bench.X``)."""
     env = {
         key: value
         for key, value in os.environ.items()
         if key.lower() not in PROXY_ENV and not key.startswith("DRIVER_PLUGIN_")
     }
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["PYTHONPATH"] = str(REPO)
     return env
 
 
@@ -487,7 +489,7 @@ class Bench:
     # -- processes ------------------------------------------------------------------------
 
     def plugin_env(self) -> dict[str, str]:
-        return {**child_env(), "PYTHONPATH": str(REPO), **dict(self.settings.plugin_env)}
+        return {**child_env(), **dict(self.settings.plugin_env)}
 
     def plugin_cmd(self, port: int) -> list[str]:
         # As the image starts it: ``-m`` with the bytecode compiled beforehand (see prepare()).
@@ -511,7 +513,7 @@ class Bench:
 
     def start_upstream(self) -> None:
         port = free_port()
-        cmd = [sys.executable, str(BENCH_DIR / "upstream.py"), "--port", str(port)]
+        cmd = [sys.executable, "-m", "harness.bench.upstream", "--port", str(port)]
         self.upstream = self.procs.start("upstream", cmd)
         wait_ready(self.procs, self.upstream, port, "/healthz")
         self.upstream_port = port
@@ -526,12 +528,13 @@ class Bench:
             raise BenchError(f"driver_plugin.py did not start: {exc}") from exc
         return proc, port
 
-    def start_proxy(self, name: str, script: str) -> None:
+    def start_proxy(self, name: str, module: str) -> None:
         """A reference proxy beside this file (naive_proxy.py, floor.py) on a free port."""
         port = free_port()
         cmd = [
             sys.executable,
-            str(BENCH_DIR / script),
+            "-m",
+            f"harness.bench.{module}",
             "--port",
             str(port),
             "--upstream",
@@ -990,9 +993,9 @@ def run(settings: Settings) -> int:
                 proc, port = bench.start_plugin()
                 bench.endpoints.append(Endpoint("plugin", port, proc))
             if "floor" in settings.paths:
-                bench.start_proxy("floor", "floor.py")
+                bench.start_proxy("floor", "floor")
             if "naive" in settings.paths:
-                bench.start_proxy("naive", "naive_proxy.py")
+                bench.start_proxy("naive", "naive_proxy")
             if "nginx" in settings.paths:
                 if nginx_bin is None:
                     bench.notes.append("nginx is missing and could not be installed: no row")

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType
+
+from harness.support import serve_until_signalled
 
 EXECUTE_PATH = "/api/v1/template.execute"
 
@@ -149,18 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     server = Server((args.host, args.port), Handler)
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"listening {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.server_close()
-    return 0
+    return serve_until_signalled(server, server.server_address[1])
 
 
 if __name__ == "__main__":
