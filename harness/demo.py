@@ -35,10 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import mock_driver_server as mock
-from harness.support import Processes, free_port, serving, stop_group
+from harness.support import PLUGIN, REPO, Processes, free_port, serving, stop_group
 
-REPO = Path(__file__).resolve().parent.parent
-PLUGIN = REPO / "driver_plugin.py"
 HOST = "127.0.0.1"
 # Argo's agent init uses k8s.io/apimachinery rand.String(32): this alphabet, no newline.
 RAND_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"

@@ -8,8 +8,10 @@ e2e copies it into a ConfigMap), so it imports nothing from here.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
+import queue
 import re
 import signal
 import socket
@@ -117,6 +119,69 @@ def stop_group(process: subprocess.Popen[Any], grace: float = 10.0) -> int | Non
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return status
+
+
+class Service:
+    """A child that announces ``{"msg": "listening", "port": N}`` on stderr, as the plugin and
+    the mock do; its stderr lines are kept in ``log``. ``error`` when it does not announce a port
+    within 20 s."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: Mapping[str, str] | None = None,
+        error: type[Exception] = HarnessError,
+    ) -> None:
+        self.name, self.argv = name, argv
+        self.log: list[str] = []
+        self.process = subprocess.Popen(  # noqa: S603 - the harness's own commands
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=None if env is None else dict(env),
+        )
+        ports: queue.Queue[int] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, args=(ports,), daemon=True)
+        self.reader.start()
+        try:
+            self.port = ports.get(timeout=20)
+        except queue.Empty:
+            self.stop()
+            raise error(f"{name} did not start: {self.tail()}") from None
+        self.url = f"http://{LOOPBACK}:{self.port}"
+
+    def _read(self, ports: queue.Queue[int]) -> None:
+        assert self.process.stderr is not None  # noqa: S101 - Popen's stderr=PIPE
+        for raw in self.process.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.log.append(line)
+            with contextlib.suppress(ValueError, AttributeError):
+                record = json.loads(line)
+                if record.get("msg") == "listening":
+                    ports.put(int(record["port"]))
+
+    def tail(self, lines: int = 8) -> str:
+        return " | ".join(self.log[-lines:]) or "(no output)"
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signum)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.reader.join(10)  # every line it wrote is in ``log``
+
+    def get(self, path: str) -> bytes:
+        connection = http.client.HTTPConnection(LOOPBACK, self.port, timeout=10)
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().read()
+        finally:
+            connection.close()
 
 
 class Processes:

@@ -31,7 +31,6 @@ import signal
 import socket
 import string
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -47,9 +46,8 @@ from hypothesis import strategies as st
 
 import driver_plugin as dp
 from harness.loopback import TOKEN, Answer, FakeDriver, Plugin
-from harness.support import AgentView, agent_call, argo_agent_reads, wait_for
+from harness.support import PLUGIN, AgentView, Service, agent_call, argo_agent_reads, wait_for
 
-PLUGIN_SCRIPT = Path(__file__).resolve().parent.parent / "driver_plugin.py"
 SEED = 5  # every random choice below derives from it, so a failure replays the same schedule
 # How long a test waits for what only the OS or another process can report.
 WITHIN: dict[str, Any] = {"timeout": 20.0, "interval": 0.01, "error": AssertionError}
@@ -824,27 +822,6 @@ def test_a_half_closed_connection_still_gets_its_replies(
 ###############################################################################
 
 
-class ProcessLog:
-    """Collects a child's stderr lines in a thread; reports the port it listens on."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        assert process.stderr is not None
-        self.process = process
-        self.stream = process.stderr
-        self.lines: list[str] = []
-        self.listening = threading.Event()
-        self.port = 0
-        self.thread = threading.Thread(target=self._read, name="plugin-stderr", daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        for line in self.stream:
-            self.lines.append(line)
-            if '"msg":"listening"' in line:
-                self.port = int(json.loads(line)["port"])
-                self.listening.set()
-
-
 def refused(port: int) -> bool:
     """Whether a connection to ``port`` is refused (nothing listens there)."""
     try:
@@ -868,26 +845,20 @@ def gauge(port: int, name: str) -> float:
     return float(match.group(1))
 
 
-def plugin_process(driver: FakeDriver, token_file: Path, tmp_path: Path) -> ProcessLog:
+def plugin_process(driver: FakeDriver, token_file: Path, tmp_path: Path) -> Service:
     """driver_plugin.py as the image runs it, on a free loopback port; every call owned for
     25 s, however slow the machine."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(PLUGIN_SCRIPT),
-            "--host=127.0.0.1",
-            "--port=0",
-            f"--upstream={driver.url}",
-            f"--token-file={token_file}",
-            f"--sa-token-file={tmp_path / 'no-sa-token'}",
-            "--reply-deadline=25s",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "MALLOC_ARENA_MAX": "2"},
-    )
-    return ProcessLog(process)
+    argv = [
+        sys.executable,
+        str(PLUGIN),
+        "--host=127.0.0.1",
+        "--port=0",
+        f"--upstream={driver.url}",
+        f"--token-file={token_file}",
+        f"--sa-token-file={tmp_path / 'no-sa-token'}",
+        "--reply-deadline=25s",
+    ]
+    return Service("driver_plugin.py", argv, {**os.environ, "MALLOC_ARENA_MAX": "2"})
 
 
 def test_sigterm_under_load_answers_every_call_in_flight_and_exits_0(
@@ -916,7 +887,6 @@ def test_sigterm_under_load_answers_every_call_in_flight_and_exits_0(
             connection.close()
 
     try:
-        assert log.listening.wait(10), log.lines
         port = log.port
         idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # an agent worker
         idle.request("GET", "/healthz")
@@ -950,8 +920,8 @@ def test_sigterm_under_load_answers_every_call_in_flight_and_exits_0(
         for number, view in views.items():
             assert (view.phase, view.outputs) == ("Succeeded", {"run": f"term-{number % 16}"})
         assert process.wait(timeout=dp.PluginServer.drain_grace) == 0
-        log.thread.join(10)
-        stopped = [json.loads(line) for line in log.lines if '"msg":"stopped"' in line]
+        log.reader.join(10)
+        stopped = [json.loads(line) for line in log.log if '"msg":"stopped"' in line]
         assert [line["drained"] for line in stopped] == [True]
         assert refused(port)
         assert sorted(driver.bodies()) == sorted(bodies)  # each driven once, none after
@@ -964,7 +934,7 @@ def test_sigterm_under_load_answers_every_call_in_flight_and_exits_0(
         process.wait(10)
         for caller in callers:
             caller.join(10)
-        log.thread.join(10)
+        log.reader.join(10)
 
 
 ###############################################################################
@@ -1501,7 +1471,7 @@ def memory_limit() -> int:
     """The sidecar's memory limit in plugin.yaml, in bytes."""
     import yaml
 
-    plugin = yaml.safe_load(PLUGIN_SCRIPT.with_name("plugin.yaml").read_text())
+    plugin = yaml.safe_load(PLUGIN.with_name("plugin.yaml").read_text())
     limit = plugin["spec"]["sidecar"]["container"]["resources"]["limits"]["memory"]
     assert limit.endswith("Mi"), limit
     return int(limit[:-2]) << 20
@@ -1545,7 +1515,6 @@ def test_the_worst_accepted_inputs_16_at_a_time_stay_inside_the_memory_limit(
     log = plugin_process(driver, token_file, tmp_path)
     process = log.process
     try:
-        assert log.listening.wait(10), log.lines
         for shape, (opening, piece, closing) in WORST_SHAPES.items():
             # Every body and every answer as large and as costly to parse as --max-body allows.
             answer = filled(

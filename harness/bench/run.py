@@ -44,12 +44,10 @@ from types import FrameType
 from typing import Any, TextIO
 
 from harness.bench import harness
-from harness.support import LOOPBACK, Processes, free_port, stop_group
+from harness.support import LOOPBACK, PLUGIN, REPO, Processes, free_port, stop_group
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent.parent
 
-PLUGIN = REPO / "driver_plugin.py"
 RESULTS = BENCH_DIR / "results"
 ALL_PATHS = ("direct", "plugin", "floor", "naive", "nginx")
 

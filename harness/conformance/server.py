@@ -60,8 +60,9 @@ from pathlib import Path
 from typing import Any
 
 from harness import mock_driver_server as mds
-from harness.conformance.suite import REPO, CaseFailed, check
-from harness.conformance.suite import Service as Process
+from harness.conformance.suite import CaseFailed, check
+from harness.support import PLUGIN
+from harness.support import Service as Process
 
 PYTHON = sys.executable
 PASS, FAIL, NOT_APPLICABLE, NOT_RUN = "pass", "FAIL", "not applicable", "not run"
@@ -89,7 +90,8 @@ def start_mock(break_keys: str | None = None) -> Process:
     argv = [PYTHON, mds.__file__, "--host=127.0.0.1", "--port=0"]
     if break_keys:
         argv.append(f"--break-keys={break_keys}")
-    return Process(f"mock{' --break-keys=' + break_keys if break_keys else ''}", argv)
+    name = f"mock{' --break-keys=' + break_keys if break_keys else ''}"
+    return Process(name, argv, error=CaseFailed)
 
 
 def get_json(url: str, path: str, ca_file: Path | None = None) -> object:
@@ -164,7 +166,7 @@ class World:
     def plugin(self, *flags: str) -> Process:
         argv = [
             PYTHON,
-            str(REPO / "driver_plugin.py"),
+            str(PLUGIN),
             "--host=127.0.0.1",
             "--port=0",
             f"--upstream={self.server.url}",
@@ -173,7 +175,7 @@ class World:
             *([f"--ca-file={self.server.ca_file}"] if self.server.ca_file else []),
             *flags,
         ]
-        process = Process("plugin", argv)
+        process = Process("plugin", argv, error=CaseFailed)
         self.processes.append(process)
         return process
 

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
-import queue
 import re
 import secrets
 import signal
@@ -47,10 +45,9 @@ from typing import Any
 
 from harness import mock_driver_server as mds
 from harness.conformance.plugins import MUTANTS
-from harness.support import free_port
+from harness.support import PLUGIN, Service, free_port
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
 
 PYTHON = sys.executable
 MOCK_MUTANT = "mock:"  # a mutant name with this prefix is a mock that breaks the key contract
@@ -66,58 +63,6 @@ class CaseFailed(Exception):
 def check(condition: object, message: str) -> None:
     if not condition:
         raise CaseFailed(message)
-
-
-# Processes ####
-
-
-class Service:
-    """A child process that announces ``{"msg": "listening", "port": N}`` on stderr."""
-
-    def __init__(self, name: str, argv: list[str]) -> None:
-        self.name, self.argv = name, argv
-        self.log: list[str] = []
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        ports: queue.Queue[int] = queue.Queue()
-        threading.Thread(target=self._read, args=(ports,), daemon=True).start()
-        try:
-            self.port = ports.get(timeout=20)
-        except queue.Empty:
-            self.stop()
-            raise CaseFailed(f"{name} did not start: {self.tail()}") from None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _read(self, ports: queue.Queue[int]) -> None:
-        assert self.process.stderr is not None
-        for raw in self.process.stderr:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.log.append(line)
-            with contextlib.suppress(ValueError, AttributeError):
-                record = json.loads(line)
-                if record.get("msg") == "listening":
-                    ports.put(int(record["port"]))
-
-    def tail(self, lines: int = 8) -> str:
-        return " | ".join(self.log[-lines:]) or "(no output)"
-
-    def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signum)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-
-    def get(self, path: str) -> bytes:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            connection.request("GET", path)
-            return connection.getresponse().read()
-        finally:
-            connection.close()
 
 
 class Agent:
@@ -216,7 +161,7 @@ class Plugin:
         self.port = free_port()  # fixed, so that a restart comes back where the agent calls
         self.argv = [
             PYTHON,
-            str(REPO / "driver_plugin.py"),
+            str(PLUGIN),
             "--host=127.0.0.1",
             f"--port={self.port}",
             f"--upstream={upstream}",
@@ -268,7 +213,7 @@ class World:
         return path
 
     def start(self, name: str, argv: list[str]) -> Service:
-        service = Service(name, argv)
+        service = Service(name, argv, error=CaseFailed)
         self.services.append(service)
         return service
 
