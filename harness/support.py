@@ -7,6 +7,7 @@ e2e copies it into a ConfigMap), so it imports nothing from here.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
 import json
@@ -85,6 +86,20 @@ def serving(server: Server) -> Iterator[Server]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def stand_in_arguments(
+    description: str, argv: Sequence[str] | None, proxy: bool
+) -> argparse.Namespace:
+    """The bench's stand-in servers' command line: --host, --port, and for a proxy --upstream
+    and --token-file."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default=LOOPBACK)
+    parser.add_argument("--port", type=int, default=0)
+    if proxy:
+        parser.add_argument("--upstream", required=True)
+        parser.add_argument("--token-file", required=True)
+    return parser.parse_args(argv)
 
 
 def serve_until_signalled(server: socketserver.BaseServer, port: int) -> int:

@@ -13,7 +13,6 @@ Run: ``python3 -m harness.bench.floor --port 0 --upstream http://127.0.0.1:N --t
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import http.client
 import json
@@ -21,7 +20,7 @@ import sys
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from harness.support import serve_until_signalled
+from harness.support import serve_until_signalled, stand_in_arguments
 
 EXECUTE_PATH = "/api/v1/template.execute"
 
@@ -76,12 +75,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--upstream", required=True)
-    parser.add_argument("--token-file", required=True)
-    args = parser.parse_args(argv)
+    args = stand_in_arguments(__doc__.splitlines()[0], argv, proxy=True)
     server = Server((args.host, args.port), Handler)
     server.idle = []
     url = urllib.parse.urlsplit(args.upstream)

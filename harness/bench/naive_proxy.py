@@ -12,13 +12,12 @@ Run: ``python3 -m harness.bench.naive_proxy --port 0 --upstream http://127.0.0.1
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from harness.support import serve_until_signalled
+from harness.support import serve_until_signalled, stand_in_arguments
 
 
 class Server(HTTPServer):
@@ -60,12 +59,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--upstream", required=True)
-    parser.add_argument("--token-file", required=True)
-    args = parser.parse_args(argv)
+    args = stand_in_arguments(__doc__.splitlines()[0], argv, proxy=True)
     server = Server((args.host, args.port), Handler)
     server.upstream = args.upstream.rstrip("/")
     with open(args.token_file, encoding="utf-8") as token_file:

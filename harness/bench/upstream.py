@@ -14,13 +14,12 @@ Run: ``python3 -m harness.bench.upstream --port 0`` (prints ``listening <port>``
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from harness.support import serve_until_signalled
+from harness.support import serve_until_signalled, stand_in_arguments
 
 EXECUTE_PATH = "/api/v1/template.execute"
 
@@ -144,10 +143,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = stand_in_arguments(__doc__.splitlines()[0], argv, proxy=False)
     server = Server((args.host, args.port), Handler)
     return serve_until_signalled(server, server.server_address[1])
 
