@@ -35,7 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import mock_driver_server as mock
-from harness.support import PLUGIN, REPO, Processes, free_port, serving, stop_group
+from harness.support import (
+    PLUGIN,
+    REPO,
+    Processes,
+    agent_headers,
+    free_port,
+    serving,
+    stop_group,
+)
 
 HOST = "127.0.0.1"
 # Argo's agent init uses k8s.io/apimachinery rand.String(32): this alphabet, no newline.
@@ -100,7 +108,7 @@ class Agent:
         self._conn.close()
 
     def _post_once(self, body: bytes, token: str) -> tuple[int, str, bytes]:
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        headers = agent_headers(token)
         for attempt in (1, 2):
             try:
                 self._conn.request("POST", mock.EXECUTE_PATH, body=body, headers=headers)

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import driver_plugin as dp
-from harness.support import AgentView, argo_agent_reads
+from harness.support import AgentView, argo_agent_reads, post_call
 
 TOKEN = "kP3x9vQ2mZ7tR1wY5uB8nC4aD6eF0gHj"  # 32 characters, as Argo's rand.String(32)
 SA_TOKEN = "service-account-jwt-for-tests"
@@ -154,9 +154,7 @@ class Plugin:
             connection.close()
 
     def execute(self, body: bytes, token: str = TOKEN) -> tuple[int, bytes]:
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-        status, _, reply = self.request("POST", dp.EXECUTE_PATH, body, headers)
-        return status, reply
+        return post_call(self.port, body, token)
 
     def agent(self, body: bytes) -> AgentView:
         return argo_agent_reads(*self.execute(body))

@@ -359,6 +359,30 @@ def argo_agent_reads(status: int, body: bytes) -> AgentView:
     return AgentView("node", phase, message, outputs, seconds if phase != "Succeeded" else 0.0)
 
 
+EXECUTE_PATH = "/api/v1/template.execute"
+
+
+def agent_headers(token: str) -> dict[str, str]:
+    """The headers of the agent's call: Go's HTTP client, the agent's token as a bearer."""
+    return {
+        "User-Agent": "Go-http-client/1.1",
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/json",
+        "Accept-Encoding": "gzip",
+    }
+
+
+def post_call(port: int, body: bytes, token: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    """One template.execute to a plugin on loopback, as the agent sends it: status and body."""
+    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        connection.request("POST", EXECUTE_PATH, body, agent_headers(token))
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
 def agent_call(
     args: dict[str, Any] | None = None,
     outputs: list[dict[str, Any]] | None = None,

@@ -46,12 +46,20 @@ from hypothesis import strategies as st
 
 import driver_plugin as dp
 from harness.loopback import TOKEN, Answer, FakeDriver, Plugin
-from harness.support import PLUGIN, AgentView, Service, agent_call, argo_agent_reads, wait_for
+from harness.support import (
+    PLUGIN,
+    AgentView,
+    Service,
+    agent_call,
+    agent_headers,
+    argo_agent_reads,
+    wait_for,
+)
 
 SEED = 5  # every random choice below derives from it, so a failure replays the same schedule
 # How long a test waits for what only the OS or another process can report.
 WITHIN: dict[str, Any] = {"timeout": 20.0, "interval": 0.01, "error": AssertionError}
-AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+AUTH = agent_headers(TOKEN)
 
 
 ###############################################################################

@@ -61,7 +61,7 @@ from typing import Any
 
 from harness import mock_driver_server as mds
 from harness.conformance.suite import CaseFailed, check
-from harness.support import PLUGIN
+from harness.support import PLUGIN, post_call
 from harness.support import Service as Process
 
 PYTHON = sys.executable
@@ -220,28 +220,12 @@ class World:
 
 def post(plugin: Process, token: str, body: bytes) -> tuple[int, dict[str, Any]]:
     """One ``template.execute`` as Argo's agent sends it (Go's client, the agent's token)."""
-    connection = http.client.HTTPConnection("127.0.0.1", plugin.port, timeout=AGENT_TIMEOUT)
+    status, data = post_call(plugin.port, body, token, AGENT_TIMEOUT)
     try:
-        connection.request(
-            "POST",
-            mds.EXECUTE_PATH,
-            body,
-            {
-                "User-Agent": "Go-http-client/1.1",
-                "Authorization": f"Bearer {token}",
-                "Content-Type": "application/json",
-                "Accept-Encoding": "gzip",
-            },
-        )
-        response = connection.getresponse()
-        data = response.read()
-    finally:
-        connection.close()
-    try:
-        reply = json.loads(data) if response.status == 200 else {}
+        reply = json.loads(data) if status == 200 else {}
     except ValueError:
         raise CaseFailed(f"the plugin answered 200 with no JSON: {data[:120]!r}") from None
-    return response.status, reply if isinstance(reply, dict) else {}
+    return status, reply if isinstance(reply, dict) else {}
 
 
 def drive(world: World, plugin: Process, body: bytes) -> tuple[Node, list[str]]:
