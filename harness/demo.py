@@ -27,7 +27,6 @@ import http.client
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,11 +37,13 @@ from harness import mock_driver_server as mock
 from harness.support import (
     PLUGIN,
     REPO,
+    HarnessError,
     Processes,
     agent_headers,
     free_port,
     serving,
     stop_group,
+    wait_ready,
 )
 
 HOST = "127.0.0.1"
@@ -189,25 +190,6 @@ def verdict(ok: bool, why: str) -> bool:
 # Processes ####
 
 
-def wait_healthy(proc: subprocess.Popen[bytes], port: int) -> str | None:
-    """None once ``/healthz`` answers 200; otherwise why not."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return f"driver_plugin.py exited with status {proc.returncode} before it was healthy"
-        conn = http.client.HTTPConnection(HOST, port, timeout=2)
-        try:
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return None
-        except OSError:
-            pass  # not listening yet
-        finally:
-            conn.close()
-        time.sleep(0.05)
-    return f"driver_plugin.py did not answer /healthz within {STARTUP_TIMEOUT:g}s"
-
-
 def print_log(path: Path, limit: int = 40) -> None:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     print(
@@ -297,9 +279,10 @@ def run(server: mock.MockDriverServer, work: Path) -> bool:
     print(f"   driver_plugin.py        http://{HOST}:{port} (pid {proc.pid})")
     ok = False
     try:
-        problem = wait_healthy(proc, port)
-        if problem is not None:
-            print(f"\nerror: {problem}")
+        try:
+            wait_ready(proc, port, "/healthz", STARTUP_TIMEOUT, 0.05)
+        except HarnessError as problem:
+            print(f"\nerror: driver_plugin.py's /healthz: {problem}")
             print_log(log_path)
             return False
         agent = Agent(port, token)

@@ -75,6 +75,37 @@ def wait_for(
         time.sleep(interval)
 
 
+def wait_ready(
+    process: subprocess.Popen[bytes],
+    port: int,
+    path: str | None,
+    timeout: float = 10.0,
+    interval: float = 0.005,
+) -> float:
+    """Seconds until ``port`` answers ``GET path`` with 200 (``path`` None: takes a connection).
+
+    ``HarnessError`` as soon as ``process`` exits, or after ``timeout`` seconds.
+    """
+    started = time.perf_counter()
+    while time.perf_counter() < started + timeout:
+        if process.poll() is not None:
+            raise HarnessError(f"exited with status {process.returncode} before it was ready")
+        connection = http.client.HTTPConnection(LOOPBACK, port, timeout=1.0)
+        try:
+            if path is None:
+                connection.connect()
+                return time.perf_counter() - started
+            connection.request("GET", path)
+            if connection.getresponse().status == 200:
+                return time.perf_counter() - started
+        except OSError:
+            pass  # not listening yet
+        finally:
+            connection.close()
+        time.sleep(interval)
+    raise HarnessError(f"not ready after {timeout:g}s")
+
+
 @contextlib.contextmanager
 def serving(server: Server) -> Iterator[Server]:
     """``server`` served from a thread of this process until the block ends, then closed."""

@@ -32,7 +32,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,8 +42,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from harness import support
 from harness.bench import harness
-from harness.support import LOOPBACK, PLUGIN, REPO, Processes, free_port, stop_group
+from harness.support import LOOPBACK, PLUGIN, REPO, HarnessError, Processes, free_port, stop_group
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -228,33 +228,13 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 def wait_ready(
-    procs: Processes,
-    proc: subprocess.Popen[bytes],
-    port: int,
-    health_path: str | None,
-    *,
-    limit_s: float = 10.0,
-    pause_s: float = 0.005,
+    procs: Processes, proc: subprocess.Popen[bytes], port: int, path: str | None, **limits: float
 ) -> float:
-    """Wait (bounded) until ``port`` answers (``health_path`` with 200, else a TCP connect).
-
-    Returns the seconds waited; raises ``BenchError`` if the process dies or the time runs out.
-    """
-    started = time.perf_counter()
-    deadline = started + limit_s
-    while time.perf_counter() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"exited with {proc.returncode}:\n{procs.tail(proc, 15)}")
-        try:
-            if health_path is None:
-                with socket.create_connection((LOOPBACK, port), timeout=1.0):
-                    return time.perf_counter() - started
-            elif http_get(port, health_path, timeout=1.0)[0] == 200:
-                return time.perf_counter() - started
-        except OSError:
-            pass
-        time.sleep(pause_s)
-    raise BenchError(f"not ready after {limit_s:.0f} s:\n{procs.tail(proc, 15)}")
+    """support.wait_ready, with the child's last log lines in the BenchError."""
+    try:
+        return support.wait_ready(proc, port, path, **limits)
+    except HarnessError as error:
+        raise BenchError(f"{error}:\n{procs.tail(proc, 15)}") from None
 
 
 def cpu_seconds(root: int) -> float:
@@ -720,7 +700,7 @@ class Bench:
             started = time.perf_counter()
             proc = self.procs.start("plugin-startup", self.plugin_cmd(port), self.plugin_env())
             try:
-                wait_ready(self.procs, proc, port, "/healthz", pause_s=0.001)
+                wait_ready(self.procs, proc, port, "/healthz", interval=0.001)
                 times.append((time.perf_counter() - started) * 1e3)
             finally:
                 self.procs.stop(proc)

@@ -45,7 +45,7 @@ from typing import Any
 
 from harness import mock_driver_server as mds
 from harness.conformance.plugins import MUTANTS
-from harness.support import PLUGIN, Service, free_port
+from harness.support import PLUGIN, Service, free_port, wait_for
 
 HERE = Path(__file__).resolve().parent
 
@@ -551,7 +551,13 @@ def calls_in_flight(
         f"t{i}": world.task("CONTAINER", task_name=f"t{i}", mock_delay="3s") for i in range(count)
     }
     agent.send(tasks)
-    wait_until(lambda: len(world.executions(mock)) == count, 20, "every call at the driver")
+    wait_for(
+        "every call at the driver",
+        lambda: len(world.executions(mock)) == count,
+        20,
+        0.05,
+        CaseFailed,
+    )
     return mock, plugin, agent, tasks
 
 
@@ -580,7 +586,7 @@ def sigkill(world: World, restart_after_the_driver: bool) -> None:
         def finished() -> bool:
             return int(json.loads(mock.get("/calls"))["_running"]) == 0
 
-        wait_until(finished, 20, "the driver's answers to the killed plugin")
+        wait_for("the driver's answers to the killed plugin", finished, 20, 0.05, CaseFailed)
     plugin.restart()
     nodes = agent.settled(list(tasks), 60)
     lost = [i for i, n in nodes.items() if n["phase"] != "Succeeded"]
@@ -706,15 +712,6 @@ def malformed_answers(world: World) -> None:
 
 
 # Running ####
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` (a state outside the agent, such as the mock's counters)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise CaseFailed(f"{what}: not within {timeout:g}s")
-        time.sleep(0.05)
 
 
 @dataclass
