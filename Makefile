@@ -11,17 +11,17 @@ IMAGE  ?= driver-plugin:0.1.0
 # Go is for the harnesses that run Argo's own code, never for the product.
 GO           ?= go
 BUILD        := .build
-# The Argo v4 release every harness runs: the one conformance/agent-v4/go.mod requires.
-ARGO_VERSION := $(shell sed -n 's|^\(require\)\{0,1\}[[:space:]]*github.com/argoproj/argo-workflows/v4 \(v[^ ]*\).*|\2|p' conformance/agent-v4/go.mod)
+# The Argo v4 release every harness runs: the one harness/conformance/agent-v4/go.mod requires.
+ARGO_VERSION := $(shell sed -n 's|^\(require\)\{0,1\}[[:space:]]*github.com/argoproj/argo-workflows/v4 \(v[^ ]*\).*|\2|p' harness/conformance/agent-v4/go.mod)
 ARGO_BIN     := $(BUILD)/argo-$(ARGO_VERSION)
-# The Argo v3 release KFP installs: the one conformance/agent-v3/go.mod requires.
-ARGO_V3_VERSION := $(shell sed -n 's|^\(require\)\{0,1\}[[:space:]]*github.com/argoproj/argo-workflows/v3 \(v[^ ]*\).*|\2|p' conformance/agent-v3/go.mod)
+# The Argo v3 release KFP installs: the one harness/conformance/agent-v3/go.mod requires.
+ARGO_V3_VERSION := $(shell sed -n 's|^\(require\)\{0,1\}[[:space:]]*github.com/argoproj/argo-workflows/v3 \(v[^ ]*\).*|\2|p' harness/conformance/agent-v3/go.mod)
 AGENTS       := $(BUILD)/conformance/agent-v4 $(BUILD)/conformance/agent-v3
 GO_PREFLIGHT  = command -v $(GO) >/dev/null || { echo "make $@: needs Go >= 1.25 on PATH (https://go.dev/dl); the Python tests (make test) do not" >&2; exit 1; }
 
 ## demo: mock kfp-driver-server + plugin on loopback, the calls of a KFP hello-world run
 demo:
-	$(PYTHON) demo.py
+	$(PYTHON) -m harness.demo
 
 ## test: install the pinned dev tools into .venv, then lint, type-check and run every test
 test: lint typecheck pytest
@@ -42,7 +42,7 @@ pytest: $(VENV)/.installed
 	$(VPY) -m pytest
 
 ## configmap: write the plugin ConfigMap from plugin.yaml with Argo's own `argo executor-plugin
-## build`: the argo CLI on PATH, else Argo's command built from tools/argo-cli (needs Go). It runs
+## build`: the argo CLI on PATH, else Argo's command built from harness/argo-cli (needs Go). It runs
 ## on a copy of plugin.yaml in a temporary directory: the build also writes a README.md there.
 ## check-configmap: the same build, failing with a diff when the committed file differs at all
 CONFIGMAP := driver-plugin-executor-plugin-configmap.yaml
@@ -62,45 +62,45 @@ image:
 
 ## e2e: kind cluster + Argo + mock driver server + real workflows (needs docker, kind, kubectl)
 e2e:
-	IMAGE=$(IMAGE) bash e2e/run.sh
+	IMAGE=$(IMAGE) bash harness/e2e/run.sh
 
 ## bench: latency/throughput/RSS through the plugin against the direct path (installs wrk, nginx)
 bench: $(VENV)/.installed
-	$(VPY) bench/run.py
+	$(VPY) -m harness.bench.run
 
 ## conformance: Argo's own agent (v4 and v3 lines, built from the module proxy) drives the real plugin
 conformance: $(AGENTS)
-	$(PYTHON) conformance/suite.py --line argo-$(ARGO_VERSION)=$(BUILD)/conformance/agent-v4 \
+	$(PYTHON) -m harness.conformance.suite --line argo-$(ARGO_VERSION)=$(BUILD)/conformance/agent-v4 \
 	    --line argo-$(ARGO_V3_VERSION)=$(BUILD)/conformance/agent-v3
 
 ## server-conformance: a kfp-driver-server checked against docs/driver-server-contract.md through the
 ## real plugin. UPSTREAM=<url> checks that server (SERVER_FLAGS adds e.g. --sa-token FILE
 ## --foreign-namespace NS, --ca-file FILE, --mock-knobs); without it the mock must pass and each mock
-## that breaks the key contract (mock_driver_server.py --break-keys) must fail a case. Python only.
+## that breaks the key contract (harness/mock_driver_server.py --break-keys) must fail a case. Python only.
 SERVER_FLAGS ?=
 server-conformance:
-	$(PYTHON) -m conformance.server $(if $(UPSTREAM),--upstream $(UPSTREAM),--prove) $(SERVER_FLAGS)
+	$(PYTHON) -m harness.conformance.server $(if $(UPSTREAM),--upstream $(UPSTREAM),--prove) $(SERVER_FLAGS)
 
-$(BUILD)/conformance/agent-%: conformance/agent.go conformance/agent-%/argo.go conformance/agent-%/go.mod conformance/agent-%/go.sum
+$(BUILD)/conformance/agent-%: harness/conformance/agent.go harness/conformance/agent-%/argo.go harness/conformance/agent-%/go.mod harness/conformance/agent-%/go.sum
 	@$(GO_PREFLIGHT)
-	cd conformance/agent-$* && $(GO) build -trimpath -o $(abspath $@) .
+	cd harness/conformance/agent-$* && $(GO) build -trimpath -o $(abspath $@) .
 
 ## loop: KFP-shaped workflows through a real kube-apiserver, Argo's controller and agent, and the
 ## plugin, on a real node: kubelet, kube-proxy, kube-scheduler, containerd, runc, CNI bridge,
-## CoreDNS, and images built here (loop/run.py says what is real; needs Go, root, Debian packages)
+## CoreDNS, and images built here (harness/loop/run.py says what is real; needs Go, root, Debian packages)
 LOOP_KUBE := $(BUILD)/loop/kube
 LOOP_COREDNS := $(BUILD)/loop/coredns
 LOOP_PLUGIN_IMAGE := $(BUILD)/loop/images/driver-plugin.tar
 LOOP_LINES := $(ARGO_VERSION) $(ARGO_V3_VERSION)
 LOOP_PACKAGES := containerd runc containernetworking-plugins busybox-static iproute2 iptables
 ## KFP's compiled workflows (never copied into the repository) run after the fixed rows: every
-## one on the first line, loop/kfp.py's selection on the others. WORKFLOW=<file ...>
+## one on the first line, harness/loop/kfp.py's selection on the others. WORKFLOW=<file ...>
 ## [EXPECT=<phase>] runs only those, adapted to the loop's profile.
 KFP_WORKFLOWS ?= $(abspath ../shared/kfp/compiled-workflows)
 EXPECT ?= Succeeded
 loop: $(VENV)/.installed loop-packages $(LOOP_KUBE) $(LOOP_COREDNS) $(LOOP_PLUGIN_IMAGE) $(ARGO_BIN)/argo $(foreach v,$(LOOP_LINES),$(BUILD)/argo-$(v)/workflow-controller $(BUILD)/argo-$(v)/argoexec)
 	for version in $(LOOP_LINES); do \
-	  $(VPY) loop/run.py --kube $(LOOP_KUBE) --coredns $(LOOP_COREDNS) --plugin-image $(LOOP_PLUGIN_IMAGE) \
+	  $(VPY) -m harness.loop.run --kube $(LOOP_KUBE) --coredns $(LOOP_COREDNS) --plugin-image $(LOOP_PLUGIN_IMAGE) \
 	    --argo-bin $(BUILD)/argo-$$version --argo-version $$version --go $(GO) --argo-cli $(ARGO_BIN)/argo \
 	    --kfp-workflows $(KFP_WORKFLOWS) $$([ $$version = $(firstword $(LOOP_LINES)) ] && echo --kfp-corpus) \
 	    $(foreach w,$(WORKFLOW),--workflow $(abspath $(w))) $(if $(WORKFLOW),--expect $(EXPECT)) || exit 1; \
@@ -118,32 +118,32 @@ loop-packages:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing >/dev/null; }; \
 	fi
 
-## $(LOOP_KUBE): etcd, kube-apiserver, kube-controller-manager, kubectl and kubelet in one binary (loop/kube)
+## $(LOOP_KUBE): etcd, kube-apiserver, kube-controller-manager, kubectl and kubelet in one binary (harness/loop/kube)
 # The version the programs report (the node's kubeletVersion, /version): the module's release.
-KUBE_VERSION := $(shell sed -n 's|^[[:space:]]*k8s.io/kubernetes \(v[^ ]*\)$$|\1|p' loop/kube/go.mod)
+KUBE_VERSION := $(shell sed -n 's|^[[:space:]]*k8s.io/kubernetes \(v[^ ]*\)$$|\1|p' harness/loop/kube/go.mod)
 KUBE_LDFLAGS := -X k8s.io/component-base/version.gitVersion=$(KUBE_VERSION) \
   -X k8s.io/component-base/version.gitMajor=$(word 1,$(subst ., ,$(KUBE_VERSION:v%=%))) \
   -X k8s.io/component-base/version.gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION:v%=%)))
-$(LOOP_KUBE): loop/kube/go.mod loop/kube/go.sum $(wildcard loop/kube/*.go)
+$(LOOP_KUBE): harness/loop/kube/go.mod harness/loop/kube/go.sum $(wildcard harness/loop/kube/*.go)
 	@$(GO_PREFLIGHT)
-	cd loop/kube && $(GO) build -trimpath -ldflags '$(KUBE_LDFLAGS)' -o $(abspath $@) .
+	cd harness/loop/kube && $(GO) build -trimpath -ldflags '$(KUBE_LDFLAGS)' -o $(abspath $@) .
 
 ## $(LOOP_COREDNS): CoreDNS from its module, with the plugins the loop's Corefile uses
-$(LOOP_COREDNS): loop/coredns/go.mod loop/coredns/go.sum loop/coredns/main.go
+$(LOOP_COREDNS): harness/loop/coredns/go.mod harness/loop/coredns/go.sum harness/loop/coredns/main.go
 	@$(GO_PREFLIGHT)
-	cd loop/coredns && $(GO) build -trimpath -o $(abspath $@) .
+	cd harness/loop/coredns && $(GO) build -trimpath -o $(abspath $@) .
 
 ## $(LOOP_PLUGIN_IMAGE): the plugin's image by the Dockerfile's recipe, on a base unpacked from
-## the Debian 13 packages distroless python3-debian13 is made of (loop/images.py names them;
+## the Debian 13 packages distroless python3-debian13 is made of (harness/loop/images.py names them;
 ## apt downloads them once into $(BUILD)/loop/trixie with a configuration of its own)
-$(LOOP_PLUGIN_IMAGE): Dockerfile driver_plugin.py loop/images.py
-	$(PYTHON) -m loop.images $(shell sed -n 's/^ *image: *//p' $(CONFIGMAP) | head -1) $@ $(BUILD)/loop/trixie
+$(LOOP_PLUGIN_IMAGE): Dockerfile driver_plugin.py harness/loop/images.py
+	$(PYTHON) -m harness.loop.images $(shell sed -n 's/^ *image: *//p' $(CONFIGMAP) | head -1) $@ $(BUILD)/loop/trixie
 
-## $(ARGO_BIN)/argo: Argo's `argo executor-plugin` command alone (tools/argo-cli/main.go says why
+## $(ARGO_BIN)/argo: Argo's `argo executor-plugin` command alone (harness/argo-cli/main.go says why
 ## `go install .../cmd/argo` cannot build the whole CLI)
-$(ARGO_BIN)/argo: tools/argo-cli/go.mod tools/argo-cli/go.sum tools/argo-cli/main.go
+$(ARGO_BIN)/argo: harness/argo-cli/go.mod harness/argo-cli/go.sum harness/argo-cli/main.go
 	@$(GO_PREFLIGHT)
-	cd tools/argo-cli && $(GO) build -o $(abspath $@) .
+	cd harness/argo-cli && $(GO) build -o $(abspath $@) .
 
 ## $(BUILD)/argo-<version>/<cmd>: Argo's own argoexec or workflow-controller, built from the
 ## released module (v4 or v3, from the version) with its own go.mod, in a copy of its tree. The
@@ -151,7 +151,7 @@ $(ARGO_BIN)/argo: tools/argo-cli/go.mod tools/argo-cli/go.sum tools/argo-cli/mai
 ## is a symlink to signal_darwin.go, module zips leave symlinks out, and without it argoexec fails
 ## on Linux with "undefined: Setpgid" (`go install ...@version` cannot build it; `-overlay` may not
 ## touch the module cache). The copy puts that one link back; nothing else changes.
-$(BUILD)/argo-%/source/go.mod: conformance/agent-v4/go.mod conformance/agent-v3/go.mod
+$(BUILD)/argo-%/source/go.mod: harness/conformance/agent-v4/go.mod harness/conformance/agent-v3/go.mod
 	@$(GO_PREFLIGHT)
 	rm -rf $(@D) && mkdir -p $(dir $(@D)) && \
 	  dir=$$($(GO) mod download -json github.com/argoproj/argo-workflows/$(firstword $(subst ., ,$*))@$* | \
@@ -169,4 +169,4 @@ $(BUILD)/argo-%/argoexec: $(BUILD)/argo-%/source/go.mod
 	cd $(<D) && CGO_ENABLED=0 $(GO) build -trimpath -o $(abspath $@) ./cmd/argoexec
 
 clean:
-	rm -rf $(VENV) $(BUILD) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench/results
+	rm -rf $(VENV) $(BUILD) .pytest_cache .mypy_cache .ruff_cache .hypothesis harness/bench/results

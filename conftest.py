@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import driver_plugin as dp
-from test_driver_plugin import SA_TOKEN, TOKEN, FakeDriver, Plugin
+from harness.loopback import SA_TOKEN, TOKEN, FakeDriver, Plugin
 
 
 @pytest.fixture

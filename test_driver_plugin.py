@@ -1,13 +1,14 @@
 """Tests for driver_plugin.py.
 
-Every reply test goes through ``argo_agent_reads``: a model of what the real Go agent (Argo
-v4.1, ``workflow/util/plugin/plugin.go`` and ``workflow/executor/agent.go``) does with a plugin's
-answer. A reply the agent would misread (a 404, a 2xx that is not 200, a node without a phase, a
-requeue that is not a Go duration, an object-valued parameter) fails the test even if the reply
-looks reasonable.
+Every reply test goes through ``argo_agent_reads`` (harness/support.py): a model of what the real
+Go agent (Argo v4.1, ``workflow/util/plugin/plugin.go`` and ``workflow/executor/agent.go``) does
+with a plugin's answer. A reply the agent would misread (a 404, a 2xx that is not 200, a node
+without a phase, a requeue that is not a Go duration, an object-valued parameter) fails the test
+even if the reply looks reasonable.
 
-Servers are real: the plugin and a scripted fake driver server run on loopback port 0. Some
-parsing tests drive the handler without sockets, as CPython's own http.server tests do.
+Servers are real: the plugin and a scripted fake driver server (harness/loopback.py) run on
+loopback port 0. Some parsing tests drive the handler without sockets, as CPython's own
+http.server tests do.
 """
 
 from __future__ import annotations
@@ -30,327 +31,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import driver_plugin as dp
-
-TOKEN = "kP3x9vQ2mZ7tR1wY5uB8nC4aD6eF0gHj"  # 32 characters, as Argo's rand.String(32)
-SA_TOKEN = "service-account-jwt-for-tests"
-
-
-###############################################################################
-# The Argo agent, as a model ##################################################
-###############################################################################
-
-
-class AgentMisread(AssertionError):
-    """The real agent would do the wrong thing with this reply."""
-
-
-@dataclass
-class AgentView:
-    """What the agent ends up doing with one plugin reply."""
-
-    kind: str  # "node" (a result), "not_mine" (next plugin), "retry" (503), "fail" (node Failed)
-    phase: str = ""
-    message: str = ""
-    outputs: dict[str, str] = field(default_factory=dict)
-    requeue: float = 0.0
-
-
-_GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
-
-
-def go_parse_duration(text: str) -> float:
-    """time.ParseDuration, enough of it: raise ValueError where Go returns an error."""
-    if text == "0":
-        return 0.0
-    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
-    if not body:
-        raise ValueError(f"time: invalid duration {text!r}")
-    scale = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-    total, position = 0.0, 0
-    while position < len(body):
-        match = _GO_DURATION.match(body, position)
-        if match is None:
-            raise ValueError(f"time: invalid duration {text!r}")
-        total += float(match.group(1)) * scale[match.group(2)]
-        position = match.end()
-    if total > 9_223_372_036:  # time.Duration is int64 nanoseconds
-        raise ValueError(f"time: invalid duration {text!r}")
-    return sign * total
-
-
-def argo_agent_reads(status: int, body: bytes) -> AgentView:
-    """Judge a reply the way the agent does; raise AgentMisread where the agent would go wrong."""
-    text = body.decode("utf-8", "replace")
-    if status == 404:
-        raise AgentMisread("404 disables the plugin for the rest of the workflow")
-    if status == 503:
-        return AgentView("retry", message=text)
-    if status != 200:
-        if 200 <= status < 300:
-            raise AgentMisread(f"{status} is not 200: the agent fails the node")
-        # Go's resp.Status, then the body verbatim (a trailing newline shows in the UI).
-        phrase = HTTPStatus(status).phrase
-        return AgentView("fail", phase="Failed", message=f"{status} {phrase}: {text}")
-    try:
-        reply = json.loads(body)
-    except ValueError as error:
-        raise AgentMisread(f"200 with undecodable JSON fails the node: {error}") from None
-    if reply is None or (isinstance(reply, dict) and reply.get("node") is None):
-        if isinstance(reply, dict) and reply.get("requeue") is not None:
-            raise AgentMisread("a requeue without a node carries over to the next plugin")
-        return AgentView("not_mine")
-    if not isinstance(reply, dict) or not isinstance(reply["node"], dict):
-        raise AgentMisread(f"reply does not decode into ExecuteTemplateReply: {text[:100]}")
-    node, requeue = reply["node"], reply.get("requeue")
-    seconds = 0.0
-    if requeue is not None:
-        if not isinstance(requeue, str):
-            raise AgentMisread(f"requeue {requeue!r} is not a Go duration string")
-        try:
-            seconds = go_parse_duration(requeue)
-        except ValueError as error:
-            raise AgentMisread(str(error)) from None
-    phase = node.get("phase")
-    if not isinstance(phase, str) or phase not in dp.TERMINAL_PHASES | dp.RUNNING_PHASES:
-        raise AgentMisread(f"phase {phase!r} leaves the node unfulfilled for ever")
-    if phase in dp.RUNNING_PHASES and seconds <= 0:
-        raise AgentMisread(f"{phase} without a positive requeue is never asked again")
-    if phase in dp.TERMINAL_PHASES and phase != "Succeeded" and seconds > 0:
-        raise AgentMisread(f"{phase} with a requeue makes the agent call a pruned task again")
-    outputs: dict[str, str] = {}
-    for parameter in (node.get("outputs") or {}).get("parameters") or []:
-        value = parameter.get("value")
-        if not isinstance(value, str):
-            raise AgentMisread(f"parameter {parameter.get('name')!r} value {value!r} is no string")
-        if not re.fullmatch(r"[-a-zA-Z0-9_]+", parameter["name"]):
-            raise AgentMisread(f"parameter name {parameter['name']!r} is invalid")
-        outputs[parameter["name"]] = value
-    message = node.get("message", "")
-    if not isinstance(message, str):
-        raise AgentMisread(f"message {message!r} is not a string")
-    return AgentView("node", phase, message, outputs, seconds if phase != "Succeeded" else 0.0)
-
-
-def test_agent_model_rejects_what_the_agent_misreads() -> None:
-    bad = [
-        (404, b""),
-        (202, b"{}"),
-        (200, b"not json"),
-        (200, b'{"node":{}}'),
-        (200, b'{"node":{"phase":"Done"}}'),
-        (200, b'{"node":{"phase":"Running"}}'),
-        (200, b'{"node":{"phase":"Running"},"requeue":120}'),
-        (200, b'{"node":{"phase":"Running"},"requeue":""}'),
-        (200, b'{"node":{"phase":"Failed"},"requeue":"5s"}'),
-        (200, b'{"node":{"phase":"Succeeded","outputs":{"parameters":[{"name":"a","value":{}}]}}}'),
-    ]
-    for status, body in bad:
-        with pytest.raises(AgentMisread):
-            argo_agent_reads(status, body)
-    assert argo_agent_reads(200, b"{}").kind == "not_mine"
-    assert argo_agent_reads(503, b"later").kind == "retry"
-    assert argo_agent_reads(403, b"no").message == "403 Forbidden: no"
-
+from harness.loopback import SA_TOKEN, TOKEN, Answer, FakeDriver, Plugin, json_answer
+from harness.support import (
+    AgentView,
+    agent_call,
+    argo_agent_reads,
+    go_parse_duration,
+)
 
 ###############################################################################
 # A scripted fake driver server ###############################################
 ###############################################################################
-
-
-@dataclass
-class Answer:
-    """What the fake driver server does with one call."""
-
-    status: int = 200
-    body: bytes = b'{"node":{"phase":"Succeeded"}}'
-    headers: dict[str, str] = field(default_factory=dict)
-    raw: bytes | None = None  # written as is instead of an HTTP reply, then closed
-    keep_open: bool = False  # after ``raw``: serve the next call on this connection
-    close: bool = False  # close the connection without answering
-    gate: threading.Event | None = None  # wait for it before answering
-    drip: tuple[bytes, ...] = ()  # after ``raw``: written a piece every 25 ms, as a hostile server
-
-
-def json_answer(document: Any, status: int = 200) -> Answer:
-    return Answer(status, json.dumps(document).encode(), {"Content-Type": "application/json"})
-
-
-@dataclass
-class Seen:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    peer: int  # the plugin's port: one per upstream connection
-
-
-class FakeDriver:
-    """A kfp-driver-server stand-in whose answers the test scripts, recording every call."""
-
-    def __init__(self) -> None:
-        self.script: Callable[[bytes], Answer] = lambda body: Answer()
-        self.seen: list[Seen] = []
-        self.received = threading.Semaphore(0)
-        self.stopping = threading.Event()  # ends a drip
-        self.dripping = threading.Event()  # set while a drip is being written
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body go apart: no 40 ms ACK waits
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                fake.seen.append(
-                    Seen(self.path, dict(self.headers.items()), body, self.client_address[1])
-                )
-                fake.received.release()
-                answer = fake.script(body)
-                if answer.gate is not None:
-                    answer.gate.wait(10)
-                try:
-                    if answer.close:
-                        self.close_connection = True
-                    elif answer.raw is not None:
-                        self.wfile.write(answer.raw)
-                        self.close_connection = not answer.keep_open
-                        fake.dripping.set()
-                        for piece in answer.drip:
-                            if fake.stopping.wait(0.025):
-                                break
-                            self.wfile.write(piece)
-                            self.wfile.flush()
-                        fake.dripping.clear()
-                    else:
-                        self.send_response(answer.status)
-                        for name, value in answer.headers.items():
-                            self.send_header(name, value)
-                        self.send_header("Content-Length", str(len(answer.body)))
-                        self.end_headers()
-                        self.wfile.write(answer.body)
-                except OSError:
-                    self.close_connection = True
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            request_queue_size = 128  # the plugin may open 16 connections at once
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def bodies(self) -> list[bytes]:
-        return [seen.body for seen in self.seen]
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-###############################################################################
-# The plugin under test #######################################################
-###############################################################################
-
-
-class Plugin:
-    """A real PluginServer on a loopback port, served from a thread."""
-
-    def __init__(self, settings: dp.Settings) -> None:
-        self.log_stream = io.StringIO()
-        self.server = dp.make_server(settings, dp.JsonLog(settings.log_level, self.log_stream))
-        self.port = self.server.server_address[1]
-        self.finished = threading.Semaphore(0)
-        self.joined = threading.Semaphore(0)
-        relay = self.server.relay
-        relay.on_finish = lambda key: self.finished.release()
-        relay.on_join = lambda key: self.joined.release()
-        # Transient failures are retried for a few seconds in production; a tenth here.
-        relay.transient_retry_budget = 0.1
-        relay.first_retry_pause = 0.02
-        self.thread = threading.Thread(
-            target=dp.serve, args=(self.server, False), name="plugin", daemon=True
-        )
-        self.thread.start()
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(method, path, body, headers or {})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
-
-    def execute(self, body: bytes, token: str = TOKEN) -> tuple[int, bytes]:
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-        status, _, reply = self.request("POST", dp.EXECUTE_PATH, body, headers)
-        return status, reply
-
-    def agent(self, body: bytes) -> AgentView:
-        return argo_agent_reads(*self.execute(body))
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_stream.getvalue().splitlines()]
-
-    def execute_logged(self, body: bytes) -> tuple[int, bytes]:
-        """Execute, then return once the call is logged and counted in the metrics.
-
-        The log line follows the reply; a second request on the same keep-alive connection is
-        read only after the handler has finished with the first, log line included.
-        """
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            headers = {"Authorization": f"Bearer {TOKEN}"}
-            connection.request("POST", dp.EXECUTE_PATH, body, headers)
-            response = connection.getresponse()
-            reply = response.status, response.read()
-            connection.request("GET", "/healthz")
-            connection.getresponse().read()
-            return reply
-        finally:
-            connection.close()
-
-    def wait_finished(self) -> None:
-        assert self.finished.acquire(timeout=10), "the driver call never finished"
-
-    def stop(self) -> None:
-        self.server.begin_drain()
-        self.thread.join(10)
-
-
-def agent_call(
-    args: dict[str, Any] | None = None,
-    outputs: list[dict[str, Any]] | None = None,
-    plugin_key: str = "driver-plugin",
-) -> bytes:
-    """A body exactly as the Argo agent sends it: compact JSON, no trailing newline."""
-    template = {
-        "name": "system-container-driver",
-        "inputs": {"parameters": [{"name": "task-name", "value": "echo"}]},
-        "outputs": {"parameters": outputs or []},
-        "metadata": {},
-        "plugin": {plugin_key: {"args": args or {"type": "CONTAINER", "task_name": "echo"}}},
-    }
-    workflow = {"metadata": {"name": "hello-x7k2p", "namespace": "team-a", "uid": "9d2c-41"}}
-    return json.dumps({"workflow": workflow, "template": template}, separators=(",", ":")).encode()
 
 
 KFP_OUTPUTS = [
