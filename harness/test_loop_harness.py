@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from harness.loop import images, kfp, node
+from harness.support import REPO
 
 
 def members(data: bytes) -> dict[str, tarfile.TarInfo]:
@@ -89,9 +90,9 @@ def test_mounts_under_deepest_first(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ]
 
 
-# KFP's compiled workflows (loop/kfp.py) ####
+# KFP's compiled workflows (harness/loop/kfp.py) ####
 
-KFP_WORKFLOWS = Path(__file__).resolve().parent.parent.parent / "shared" / "kfp" / "compiled-workflows"
+KFP_WORKFLOWS = REPO.parent / "shared" / "kfp" / "compiled-workflows"
 
 
 def status_node(

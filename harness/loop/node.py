@@ -131,12 +131,11 @@ def mounts_under(directory: Path) -> list[str]:
 
 
 def cgroup_dirs() -> list[Path]:
-    """The kubelet's kubepods cgroups in every hierarchy, deepest first."""
+    """The kubelet's kubepods cgroups in every hierarchy, deepest first. The kubelet removes
+    pods' cgroups while they are listed: os.walk leaves out what is gone (a glob raises)."""
     found: list[Path] = []
     for hierarchy in CGROUP_ROOT.iterdir():
-        top = hierarchy / "kubepods"
-        if top.is_dir():
-            found += [top, *(p for p in top.rglob("*") if p.is_dir())]
+        found += [Path(directory) for directory, _, _ in os.walk(hierarchy / "kubepods")]
     return sorted(found, key=lambda p: -len(p.parts))
 
 
