@@ -299,6 +299,48 @@ TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Error", "Skipped", "Omitted
 RUNNING_PHASES = frozenset({"Pending", "Running"})
 
 
+@dataclass(frozen=True)
+class Tls:
+    """A CA and a serving certificate it signed, with its key: PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def issue_tls(where: Path, subject: str, alt_names: str) -> Tls:
+    """A new CA and a serving certificate for ``alt_names`` (openssl's subjectAltName syntax:
+    ``DNS:a,IP:127.0.0.1``), made by the openssl command in ``where``.
+
+    As Python 3.13's verification (VERIFY_X509_STRICT, the plugin image's) accepts them: the CA
+    carries keyUsage, and the leaf is marked no CA (``-x509`` would mark it one) and for
+    serverAuth. HarnessError if openssl is missing or fails.
+    """
+    tls = Tls(where / "ca.crt", where / "tls.crt", where / "tls.key")
+    ca_key = str(where / "ca.key")
+    request = ["openssl", "req", "-x509", "-days", "2", "-batch", "-nodes",
+               "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]  # fmt: skip
+    for argv in (
+        ["-subj", f"/CN={subject} CA", "-keyout", ca_key, "-out", str(tls.ca),
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["-subj", f"/CN={subject}", "-keyout", str(tls.key), "-out", str(tls.cert),
+         "-CA", str(tls.ca), "-CAkey", ca_key,
+         "-addext", "basicConstraints=critical,CA:FALSE",
+         "-addext", "keyUsage=critical,digitalSignature",
+         "-addext", "extendedKeyUsage=serverAuth",
+         "-addext", f"subjectAltName={alt_names}"],
+    ):  # fmt: skip
+        try:
+            done = subprocess.run(  # noqa: S603 - openssl with our own arguments
+                [*request, *argv], capture_output=True, text=True, check=False
+            )
+        except OSError as error:
+            raise HarnessError(f"openssl: {error}") from None
+        if done.returncode != 0:
+            raise HarnessError(f"openssl req: {done.stderr.strip()}")
+    return tls
+
+
 class AgentMisread(AssertionError):
     """The real agent would do the wrong thing with this reply."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.client
 import http.server
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 
 from harness import mock_driver_server as mds
-from harness.support import serving
+from harness.support import issue_tls, serving
 
 HERE = Path(__file__).resolve().parent
 RUN = mds.DEFAULT_UID
@@ -1550,21 +1549,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A CA and a certificate it signed for 127.0.0.1: paths by name."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
-    where = tmp_path_factory.mktemp("pki")
-    files = {name: str(where / name) for name in ("ca.crt", "ca.key", "tls.crt", "tls.key")}
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl = ["openssl", "req", *ec, "-days", "1", "-batch"]
-    run = functools.partial(subprocess.run, check=True, capture_output=True)
-    # The extensions Python 3.13's strict verification asks for (loop/run.py's LEAF says why).
-    run([*openssl, "-x509", "-subj", "/CN=test-ca", "-keyout", files["ca.key"],
-         "-out", files["ca.crt"], "-addext", "keyUsage=critical,keyCertSign,cRLSign"])  # fmt: skip
-    run([*openssl, "-x509", "-subj", "/CN=127.0.0.1", "-keyout", files["tls.key"],
-         "-out", files["tls.crt"], "-CA", files["ca.crt"], "-CAkey", files["ca.key"],
-         "-addext", "basicConstraints=critical,CA:FALSE",
-         "-addext", "keyUsage=critical,digitalSignature",
-         "-addext", "extendedKeyUsage=serverAuth",
-         "-addext", "subjectAltName=IP:127.0.0.1"])  # fmt: skip
-    return files
+    tls = issue_tls(tmp_path_factory.mktemp("pki"), "127.0.0.1", "IP:127.0.0.1")
+    return {"ca.crt": str(tls.ca), "tls.crt": str(tls.cert), "tls.key": str(tls.key)}
 
 
 REVIEWER_TOKEN = "reviewer-token"  # the mock's own token, allowed TokenReviews

@@ -60,7 +60,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ import yaml
 from harness import mock_driver_server
 from harness.loop import kfp
 from harness.loop import node as real_node
-from harness.support import HarnessError, Processes, free_port, wait_for
+from harness.support import HarnessError, Processes, free_port, issue_tls, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -378,37 +378,13 @@ class DriverTls:
     configmap: Path
 
 
-# What Python 3.13's verification (VERIFY_X509_STRICT, the plugin image's) asks of a serving
-# certificate beyond its names: openssl's -x509 would otherwise mark it a CA. The CA itself
-# must carry keyUsage (above).
-LEAF = (
-    "-addext", "basicConstraints=critical,CA:FALSE",
-    "-addext", "keyUsage=critical,digitalSignature",
-    "-addext", "extendedKeyUsage=serverAuth",
-    "-addext",
-)  # fmt: skip
-
-
 def driver_tls(workdir: Path, argo_cli: Path) -> DriverTls:
-    """A CA and a serving certificate for the driver Service's names (openssl), and the
-    plugin's ConfigMap for https: README's steps, done by a program."""
+    """A CA and a serving certificate for the driver Service's names, and the plugin's
+    ConfigMap for https: README's steps, done by a program."""
     where = workdir / "driver-tls"
     where.mkdir()
-    ca, cert, key = where / "ca.crt", where / "tls.crt", where / "tls.key"
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-batch"]
     names = ",".join(f"DNS:{DRIVER_HOST}{suffix}" for suffix in ("", ".svc", ".svc.cluster.local"))
-    ca_key = str(where / "ca.key")
-    for argv in (
-        ["-x509", "-days", "2", "-subj", "/CN=driver-plugin loop CA", "-keyout", ca_key,
-         "-out", str(ca), "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-        ["-x509", "-days", "1", "-subj", f"/CN={DRIVER_HOST}", "-keyout", str(key),
-         "-out", str(cert), "-CA", str(ca), "-CAkey", ca_key, *LEAF, f"subjectAltName={names}"],
-    ):  # fmt: skip
-        done = subprocess.run(
-            ["openssl", "req", *ec, *argv], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise LoopError(f"openssl req: {done.stderr.strip()}")
+    ca, cert, key = astuple(issue_tls(where, DRIVER_HOST, names))
     return DriverTls(ca, cert, key, tls_configmap(where, argo_cli))
 
 
