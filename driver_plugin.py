@@ -93,7 +93,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from http import HTTPStatus
@@ -1127,29 +1127,47 @@ class ByteBudget:
     def __init__(self, size: int) -> None:
         self.size = size
         self.free = size
-        self._room = threading.Condition()
+        self._waiting = 0  # takers waiting for room
+        self._room = threading.Condition(threading.Lock())
 
     def take(self, amount: int, timeout: float | None = None) -> int | None:
         """Take ``amount`` bytes (at most the whole budget); None if no room within ``timeout``."""
         amount = min(amount, self.size)
         with self._room:
-            if not self._room.wait_for(lambda: self.free >= amount, timeout):
-                return None
+            if self.free < amount:  # the rare case: the waiting machinery only then
+                self._waiting += 1
+                try:
+                    if not self._room.wait_for(lambda: self.free >= amount, timeout):
+                        return None
+                finally:
+                    self._waiting -= 1
             self.free -= amount
         return amount
 
     def give(self, amount: int) -> None:
         with self._room:
             self.free += amount
-            self._room.notify_all()
+            if self._waiting:
+                self._room.notify_all()
 
-    @contextlib.contextmanager
-    def held(self, amount: int) -> Iterator[None]:
-        taken = self.take(amount)
-        try:
-            yield
-        finally:
-            self.give(taken or 0)
+    def held(self, amount: int) -> _Held:
+        """``with budget.held(n):`` takes ``n`` bytes (waiting for room) and gives them back."""
+        return _Held(self, amount)
+
+
+class _Held:
+    """Bytes of a budget held for a ``with`` block (a class: a generator costs twice as much)."""
+
+    __slots__ = ("amount", "budget", "taken")
+
+    def __init__(self, budget: ByteBudget, amount: int) -> None:
+        self.budget, self.amount, self.taken = budget, amount, 0
+
+    def __enter__(self) -> None:
+        self.taken = self.budget.take(self.amount) or 0
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.budget.give(self.taken)
 
 
 class _Exchange:
