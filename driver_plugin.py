@@ -1420,11 +1420,12 @@ def describe_transport_error(error: BaseException, netloc: str) -> str:
 
 @dataclass(slots=True, eq=False)
 class Call:
-    """One driver call in flight; every caller waiting for it (its first one too) waits on
-    ``done``."""
+    """One driver call in flight; the callers that join it wait on ``done``, made when the
+    first one joins (most calls have none: an Event and its set() cost more than the rest of
+    the table's work)."""
 
     key: bytes
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None
     reply: Reply | None = None
     waiters: int = 0
     #: The last transient failure while the call is retried: a caller whose deadline comes
@@ -1471,11 +1472,14 @@ class CallTable:
                 call = self._in_flight[key] = Call(key)
                 return call, True
             call.waiters += 1
+            if call.done is None:
+                call.done = threading.Event()
             return call, False
 
     def wait(self, call: Call, timeout: float) -> Reply | None:
         """Wait for a joined call; None if it is still running when ``timeout`` runs out."""
-        call.done.wait(max(timeout, 0.0))
+        if call.done is not None:  # always, for a call begin() returned to join
+            call.done.wait(max(timeout, 0.0))
         with self._lock:
             call.waiters -= 1
             return call.reply
@@ -1490,7 +1494,8 @@ class CallTable:
             )
             if keep and self.result_ttl > 0:
                 self._keep(call.key, reply)
-            call.done.set()
+            if call.done is not None:
+                call.done.set()
 
     def _keep(self, key: bytes, reply: Reply) -> None:
         results, now = self._results, time.monotonic()
