@@ -1550,6 +1550,8 @@ class Relay:
     held_bodies = 16
     #: Seconds a call waits for room in the memory budget before it is answered 503.
     budget_wait = 1.0
+    #: Declared outputs (as JSON) up to this size are kept parsed between calls.
+    declared_kept_bytes = 4096
 
     def __init__(
         self, settings: Settings, log: JsonLog, metrics: Metrics, sa_token: SecretFile
@@ -1577,6 +1579,7 @@ class Relay:
         #: recorded (in the thread that drove it).
         self.on_join: Callable[[bytes], None] | None = None
         self.on_finish: Callable[[bytes], None] | None = None
+        self._last_declared: tuple[bytes, Any] = (b"", None)  # see _declared()
         self._ids = iter(range(1, sys.maxsize))
         self._id_prefix = secrets.token_hex(4)
 
@@ -1721,6 +1724,18 @@ class Relay:
         except UnicodeEncodeError:  # a lone surrogate in a name: kept, and reported by judging
             return _ENCODER.encode(template.get("outputs")).encode("utf-8", "surrogatepass")
 
+    def _declared(self, outputs: bytes) -> Any:
+        """A template's declared outputs, parsed from the JSON ``_read_call`` kept. The driver
+        calls of one workflow share their template's outputs: the last small one is kept
+        parsed (read only), so that most calls skip parsing it."""
+        last, parsed = self._last_declared
+        if outputs == last:
+            return parsed
+        parsed = json.loads(outputs.decode("utf-8", "surrogatepass"))
+        if len(outputs) <= self.declared_kept_bytes:  # kept parsed: up to 30 times the size
+            self._last_declared = (outputs, parsed)
+        return parsed
+
     def _new_request_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
 
@@ -1750,8 +1765,7 @@ class Relay:
                 self.metrics.observe_upstream(time.monotonic() - began)
                 call.upstream_status = response.status or None
                 with self.parsing.held(len(outputs) + len(response.body)):
-                    declared = json.loads(outputs.decode("utf-8", "surrogatepass"))
-                    reply = judge(response, {"outputs": declared}, self.settings)
+                    reply = judge(response, {"outputs": self._declared(outputs)}, self.settings)
                 self.calls.recovered(call.key)
                 return reply
             except UpstreamUnavailable as error:
