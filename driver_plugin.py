@@ -93,7 +93,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from http import HTTPStatus
@@ -1127,29 +1127,47 @@ class ByteBudget:
     def __init__(self, size: int) -> None:
         self.size = size
         self.free = size
-        self._room = threading.Condition()
+        self._waiting = 0  # takers waiting for room
+        self._room = threading.Condition(threading.Lock())
 
     def take(self, amount: int, timeout: float | None = None) -> int | None:
         """Take ``amount`` bytes (at most the whole budget); None if no room within ``timeout``."""
         amount = min(amount, self.size)
         with self._room:
-            if not self._room.wait_for(lambda: self.free >= amount, timeout):
-                return None
+            if self.free < amount:  # the rare case: the waiting machinery only then
+                self._waiting += 1
+                try:
+                    if not self._room.wait_for(lambda: self.free >= amount, timeout):
+                        return None
+                finally:
+                    self._waiting -= 1
             self.free -= amount
         return amount
 
     def give(self, amount: int) -> None:
         with self._room:
             self.free += amount
-            self._room.notify_all()
+            if self._waiting:
+                self._room.notify_all()
 
-    @contextlib.contextmanager
-    def held(self, amount: int) -> Iterator[None]:
-        taken = self.take(amount)
-        try:
-            yield
-        finally:
-            self.give(taken or 0)
+    def held(self, amount: int) -> _Held:
+        """``with budget.held(n):`` takes ``n`` bytes (waiting for room) and gives them back."""
+        return _Held(self, amount)
+
+
+class _Held:
+    """Bytes of a budget held for a ``with`` block (a class: a generator costs twice as much)."""
+
+    __slots__ = ("amount", "budget", "taken")
+
+    def __init__(self, budget: ByteBudget, amount: int) -> None:
+        self.budget, self.amount, self.taken = budget, amount, 0
+
+    def __enter__(self) -> None:
+        self.taken = self.budget.take(self.amount) or 0
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.budget.give(self.taken)
 
 
 class _Exchange:
@@ -1188,6 +1206,11 @@ class Upstream:
     #: Seconds a connect may take (a driver server that drops packets); reads and writes are
     #: bounded by the call's deadline instead.
     connect_timeout = 5.0
+    #: Seconds a connection beyond ``--upstream-keepalive`` is kept idle. Calls in flight (up
+    #: to the agent's 16) each hold a connection; closing all but 4 as they end made the next
+    #: calls of a busy burst open new ones (a TLS handshake each on https), a fifth of the calls
+    #: under load. A second later only ``--upstream-keepalive`` are left.
+    surplus_idle_timeout = 1.0
 
     def __init__(self, settings: Settings, watchdog: Watchdog) -> None:
         url = urllib.parse.urlsplit(settings.upstream)
@@ -1225,16 +1248,19 @@ class Upstream:
         return len(self._idle)
 
     def _keep(self, connection: http.client.HTTPConnection) -> None:
-        """Keep a connection for the next call, for ``--upstream-idle-timeout`` at most."""
+        """Keep a connection for the next call: ``--upstream-keepalive`` of them for
+        ``--upstream-idle-timeout``, any more for ``surplus_idle_timeout``."""
+        if not self.keepalive:
+            connection.close()
+            return
         entry = _Idle(connection, self)
         with self._lock:
-            kept = len(self._idle) < self.keepalive
-            if kept:
-                self._idle.append(entry)
-        if kept:
-            self.watchdog.watch(entry, time.monotonic() + self.idle_timeout)
-        else:
-            connection.close()
+            surplus = len(self._idle) >= self.keepalive
+            self._idle.append(entry)
+        idle_for = (
+            min(self.surplus_idle_timeout, self.idle_timeout) if surplus else self.idle_timeout
+        )
+        self.watchdog.watch(entry, time.monotonic() + idle_for)
 
     def _drop(self, entry: _Idle) -> None:
         """The watchdog's: a connection idle for too long is closed."""
@@ -1394,11 +1420,12 @@ def describe_transport_error(error: BaseException, netloc: str) -> str:
 
 @dataclass(slots=True, eq=False)
 class Call:
-    """One driver call in flight; every caller waiting for it (its first one too) waits on
-    ``done``."""
+    """One driver call in flight; the callers that join it wait on ``done``, made when the
+    first one joins (most calls have none: an Event and its set() cost more than the rest of
+    the table's work)."""
 
     key: bytes
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None
     reply: Reply | None = None
     waiters: int = 0
     #: The last transient failure while the call is retried: a caller whose deadline comes
@@ -1445,11 +1472,14 @@ class CallTable:
                 call = self._in_flight[key] = Call(key)
                 return call, True
             call.waiters += 1
+            if call.done is None:
+                call.done = threading.Event()
             return call, False
 
     def wait(self, call: Call, timeout: float) -> Reply | None:
         """Wait for a joined call; None if it is still running when ``timeout`` runs out."""
-        call.done.wait(max(timeout, 0.0))
+        if call.done is not None:  # always, for a call begin() returned to join
+            call.done.wait(max(timeout, 0.0))
         with self._lock:
             call.waiters -= 1
             return call.reply
@@ -1464,7 +1494,8 @@ class CallTable:
             )
             if keep and self.result_ttl > 0:
                 self._keep(call.key, reply)
-            call.done.set()
+            if call.done is not None:
+                call.done.set()
 
     def _keep(self, key: bytes, reply: Reply) -> None:
         results, now = self._results, time.monotonic()
@@ -1519,6 +1550,8 @@ class Relay:
     held_bodies = 16
     #: Seconds a call waits for room in the memory budget before it is answered 503.
     budget_wait = 1.0
+    #: Declared outputs (as JSON) up to this size are kept parsed between calls.
+    declared_kept_bytes = 4096
 
     def __init__(
         self, settings: Settings, log: JsonLog, metrics: Metrics, sa_token: SecretFile
@@ -1546,6 +1579,7 @@ class Relay:
         #: recorded (in the thread that drove it).
         self.on_join: Callable[[bytes], None] | None = None
         self.on_finish: Callable[[bytes], None] | None = None
+        self._last_declared: tuple[bytes, Any] = (b"", None)  # see _declared()
         self._ids = iter(range(1, sys.maxsize))
         self._id_prefix = secrets.token_hex(4)
 
@@ -1690,6 +1724,18 @@ class Relay:
         except UnicodeEncodeError:  # a lone surrogate in a name: kept, and reported by judging
             return _ENCODER.encode(template.get("outputs")).encode("utf-8", "surrogatepass")
 
+    def _declared(self, outputs: bytes) -> Any:
+        """A template's declared outputs, parsed from the JSON ``_read_call`` kept. The driver
+        calls of one workflow share their template's outputs: the last small one is kept
+        parsed (read only), so that most calls skip parsing it."""
+        last, parsed = self._last_declared
+        if outputs == last:
+            return parsed
+        parsed = json.loads(outputs.decode("utf-8", "surrogatepass"))
+        if len(outputs) <= self.declared_kept_bytes:  # kept parsed: up to 30 times the size
+            self._last_declared = (outputs, parsed)
+        return parsed
+
     def _new_request_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
 
@@ -1719,8 +1765,7 @@ class Relay:
                 self.metrics.observe_upstream(time.monotonic() - began)
                 call.upstream_status = response.status or None
                 with self.parsing.held(len(outputs) + len(response.body)):
-                    declared = json.loads(outputs.decode("utf-8", "surrogatepass"))
-                    reply = judge(response, {"outputs": declared}, self.settings)
+                    reply = judge(response, {"outputs": self._declared(outputs)}, self.settings)
                 self.calls.recovered(call.key)
                 return reply
             except UpstreamUnavailable as error:

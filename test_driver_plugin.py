@@ -1339,6 +1339,7 @@ def test_upstream_connections_during_and_after_a_16_worker_burst(
     driver.script = lambda body: Answer(gate=gate)
     plugin = start(upstream_keepalive=4, upstream_idle_timeout=2.0)
     plugin.server.watchdog.interval = 0.05
+    plugin.server.relay.upstream.surplus_idle_timeout = 0.2
     port = int(driver.url.rsplit(":", 1)[1])
     views: list[AgentView] = []
     bodies = [agent_call({"type": "CONTAINER", "task_name": f"t{n}"}) for n in range(16)]
@@ -1352,13 +1353,21 @@ def test_upstream_connections_during_and_after_a_16_worker_burst(
     for caller in callers:
         caller.join(10)
     assert [view.phase for view in views] == ["Succeeded"] * 16
+    right_after = connections_to(port)  # the surplus is kept a moment, for a burst's next calls
+    for _ in range(150):  # the watchdog closes the surplus past surplus_idle_timeout
+        if connections_to(port) <= 4:
+            break
+        time.sleep(0.01)  # waiting for the watchdog's next look
     after = connections_to(port)
-    for _ in range(500):  # the watchdog closes idle connections past --upstream-idle-timeout
+    for _ in range(500):  # ... and the rest past --upstream-idle-timeout
         if connections_to(port) == 0:
             break
         time.sleep(0.01)  # waiting for the watchdog's next look
-    print(f"upstream connections: {during} during the burst, {after} kept after it, then 0")
-    assert (during, after, connections_to(port)) == (16, 4, 0)
+    print(
+        f"upstream connections: {during} during the burst, {right_after} right after it, "
+        f"{after} kept, then 0"
+    )
+    assert (during, right_after, after, connections_to(port)) == (16, 16, 4, 0)
     assert plugin.server.relay.upstream.idle_connections() == 0
 
 
