@@ -52,7 +52,8 @@ Contract (docs/CONTRACT.md, "mock_driver_server.py"):
   string or bare token) is ``400`` text naming the reason, and so is a key that is not the
   SHA-256 of the body (docs/driver-server-contract.md: a server recomputes it, so a key can
   only name its own body). A real server also scopes keys by the caller's namespace; the mock
-  authenticates nobody, and the body it hashes names the workflow's namespace.
+  authenticates callers only with ``--token-review`` (below), and the body it hashes names the
+  workflow's namespace.
   ``--break-keys no-join|no-replay|keep-failed`` breaks this one way on purpose (a key in flight
   runs again; a finished key is forgotten; a Failed answer is kept), so that ``make
   conformance`` can show its key assertions fail.
@@ -115,9 +116,8 @@ How outputs are computed (deterministic for a given sequence of calls in one pro
 * For make loop's KFP workflows: ``--skip-executors`` answers every CONTAINER driver whose task
   runs as a cache hit (``cached-decision`` ``"true"``, no pod-spec-patch), so that no executor
   pod is needed; ``--fail-task PIPELINE/TASK`` makes the driver of that ``pipeline_name``'s task
-  of that ``task_name`` fail;
-  ``--tls-port`` (with ``--tls-cert`` and ``--tls-key``) adds a TLS listener in front of the same
-  driver state.
+  of that ``task_name`` fail; ``--tls-port`` (with ``--tls-cert`` and ``--tls-key``) adds a TLS
+  listener in front of the same driver state.
 
 Logging: one JSON line per request on stderr (method, path, status, call key, for a keyed call
 ``served``: executed/joined/replayed, milliseconds). Bodies, tokens and Idempotency-Keys are
