@@ -695,28 +695,30 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
 
 
+ENDED = ("Succeeded", "Failed", "Error")  # a workflow's phases once it is done
+
+
+def wait_finished(api: Api, namespace: str, name: str, timeout: float) -> tuple[Json, str]:
+    """The workflow once it has ended, and ""; or as it stands by ``timeout`` (without a
+    status if it is gone) and why it is not done."""
+    path = f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/workflows/{name}"
+
+    def finished() -> Json | None:
+        found = api.get(path) or {}
+        return found if found.get("status", {}).get("phase") in ENDED else None
+
+    try:
+        return wait_for(f"workflow {name} to finish", finished, timeout, 0.5), ""
+    except LoopError as error:
+        return api.get(path) or {"metadata": {"name": name}}, str(error)
+
+
 def submit(cluster: Cluster, api: Api, case: Case, timeout: float) -> tuple[Json, Outcome]:
     outcome = Outcome(case)
     created = cluster.create_workflow(PROFILE, case.file)
     outcome.name = created["metadata"]["name"]
-    path = f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{outcome.name}"
-
-    def finished() -> Json | None:
-        workflow = api.get(path)
-        return (
-            workflow
-            if workflow
-            and workflow.get("status", {}).get("phase") in ("Succeeded", "Failed", "Error")
-            else None
-        )
-
-    try:
-        workflow: Json = wait_for(
-            f"workflow {outcome.name} to finish", finished, timeout, interval=0.5
-        )
-    except LoopError as error:
-        workflow = api.get(path) or {}
-        outcome.problems.append(str(error))
+    workflow, late = wait_finished(api, PROFILE, outcome.name, timeout)
+    outcome.problems += [late] if late else []
     return workflow, outcome
 
 
@@ -834,21 +836,11 @@ def check_pod_spec_patch(
         items = api.call("GET", f"/api/v1/namespaces/{PROFILE}/pods?labelSelector={selector}")
         return next(iter(items.get("items", [])), None)
 
-    path = f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{name}"
-
-    def finished() -> Json | None:
-        found = api.get(path) or {}
-        phase = found.get("status", {}).get("phase")
-        return found if phase in ("Succeeded", "Failed", "Error") else None
-
     problems = []
     try:
         pod: Json = wait_for(f"the executor pod of {name}", executor_pod, 90)
-        try:
-            workflow: Json = wait_for(f"workflow {name} to finish", finished, timeout, 0.5)
-        except LoopError as error:
-            problems.append(str(error))
-            workflow = api.call("GET", path)
+        workflow, late = wait_finished(api, PROFILE, name, timeout)
+        problems += [late] if late else []
     except LoopError as error:
         return [str(error)], ""
     finally:
@@ -917,17 +909,11 @@ def check_side_by_side(
     created = [cluster.create_workflow(PROFILE, CASES[0].file) for _ in range(2)]
     problems, phases = [], []
     for workflow in created:
-        name = workflow["metadata"]["name"]
-        path = f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{name}"
-
-        def finished(path: str = path) -> str | None:
-            phase = ((api.get(path) or {}).get("status") or {}).get("phase")
-            return phase if phase in ("Succeeded", "Failed", "Error") else None
-
-        try:
-            phases.append(wait_for(f"workflow {name} to finish", finished, timeout, 0.5))
-        except LoopError as error:
-            problems.append(str(error))
+        done, late = wait_finished(api, PROFILE, workflow["metadata"]["name"], timeout)
+        if late:
+            problems.append(late)
+        else:
+            phases.append(done["status"]["phase"])
     names = {w["metadata"]["name"] for w in created}
     ours = {
         pod
@@ -955,10 +941,6 @@ class InFlight:
     name: str
     uid: str
     pod: str
-
-    @property
-    def workflow_path(self) -> str:
-        return f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{self.name}"
 
     @property
     def pod_path(self) -> str:
@@ -994,14 +976,8 @@ def sidecar(pod: Json | None) -> Json:
 
 
 def finish(api: Api, flight: InFlight, timeout: float) -> str:
-    def phase() -> str | None:
-        found = ((api.get(flight.workflow_path) or {}).get("status") or {}).get("phase")
-        return found if found in ("Succeeded", "Failed", "Error") else None
-
-    try:
-        return str(wait_for(f"workflow {flight.name} to finish", phase, timeout, 0.5))
-    except LoopError:
-        return "unfinished"
+    workflow, late = wait_finished(api, PROFILE, flight.name, timeout)
+    return "unfinished" if late else str(workflow["status"]["phase"])
 
 
 def check_sidecar_killed(
@@ -1258,16 +1234,9 @@ def measure_driver_pods(api: Api, watch: PodWatch, timeout: float) -> tuple[list
         name, uid = created["metadata"]["name"], created["metadata"]["uid"]
         path = f"/apis/argoproj.io/v1alpha1/namespaces/{PROFILE}/workflows/{name}"
         started = time.monotonic()
-
-        def finished(path: str = path) -> Json | None:
-            found = api.get(path) or {}
-            done = found.get("status", {}).get("phase") in ("Succeeded", "Failed", "Error")
-            return found if done else None
-
-        try:
-            workflow: Json = wait_for(f"workflow {name} to finish", finished, timeout * 3, 0.5)
-        except LoopError as error:
-            problems.append(str(error))
+        workflow, late = wait_finished(api, PROFILE, name, timeout * 3)
+        if late:
+            problems.append(late)
             continue
         seconds = time.monotonic() - started
         selector = urllib.parse.quote(f"workflows.argoproj.io/workflow={name}")
@@ -1348,7 +1317,7 @@ def check_identity(cluster: Cluster, api: Api, token: str, timeout: float) -> tu
             "-n", PROFILE, "create", "-o", "json", "-f", "-", stdin=json.dumps(workflow)
         )
     )
-    done = wait_finished(api, PROFILE, created["metadata"]["name"], timeout)
+    done, _ = wait_finished(api, PROFILE, created["metadata"]["name"], timeout)
     problems, seen = [], []
     nodes = [n for n in done.get("status", {}).get("nodes", {}).values() if n["type"] == "Plugin"]
     message = nodes[0].get("message", "") if nodes else ""
@@ -1369,33 +1338,14 @@ def check_identity(cluster: Cluster, api: Api, token: str, timeout: float) -> tu
         problems.append(f"its own namespace: {status} {answer[:200]!r}")
     seen.append(f"own namespace {status}")
     executions = mock_executions()
-    for name, body in (
-        ("the foreign workflow", created),
-        ("the foreign call", json.loads(refused)),
+    for name, uid in (
+        ("the foreign workflow", created["metadata"]["uid"]),
+        ("the foreign call", json.loads(refused)["workflow"]["metadata"]["uid"]),
     ):
-        uid = (body.get("metadata") or body["workflow"]["metadata"])["uid"]
         ran = sum(n for key, n in executions.items() if key.startswith(f"{uid}/"))
         if ran:
             problems.append(f"{name} ran {ran} drivers")
     return problems, "; ".join(seen)
-
-
-def wait_finished(api: Api, namespace: str, name: str, timeout: float) -> Json:
-    """The workflow once it has ended; as it stands, with its status, if it has not by then."""
-    path = f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/workflows/{name}"
-
-    def finished() -> Json | None:
-        found = api.get(path) or {}
-        return found if found.get("status", {}).get("phase") in ENDED else None
-
-    try:
-        workflow: Json = wait_for(f"workflow {name} to finish", finished, timeout, 0.5)
-    except LoopError:
-        return api.get(path) or {"metadata": {"name": name}}
-    return workflow
-
-
-ENDED = ("Succeeded", "Failed", "Error")
 
 
 # KFP's compiled workflows ###################################################################
@@ -1441,7 +1391,7 @@ def run_kfp(
             return
         run.own_pod = kfp.own_pod(workflow)
         wait = min(timeout, OWN_POD_WAIT) if run.own_pod else timeout
-        run.workflow = wait_finished(api, PROFILE, created["metadata"]["name"], wait)
+        run.workflow, _ = wait_finished(api, PROFILE, created["metadata"]["name"], wait)
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(one, runs))
