@@ -1676,12 +1676,12 @@ def test_identity_answers_503_while_the_apiserver_cannot_review_and_keeps_nothin
     reviewed: tuple[mds.MockDriverServer, Apiserver], tmp_path: Path
 ) -> None:
     srv, apiserver = reviewed
-    assert srv.identity is not None
-    srv.identity._token_file = str(tmp_path / "missing")  # its own token is gone
+    own = tmp_path / "token"
+    own.rename(tmp_path / "away")  # the server's own token is gone: no review can be made
     reply = as_caller(srv, mds.agent_body("ROOT_DAG"), "own-token")
     assert reply.status == 503
     assert "TokenReview could not be made" in reply.body.decode()
-    srv.identity._token_file = str(tmp_path / "token")
+    (tmp_path / "away").rename(own)  # back: the 503 was not kept
     assert as_caller(srv, mds.agent_body("ROOT_DAG"), "own-token").status == 200
     assert apiserver.reviews == 1
 
