@@ -1117,8 +1117,10 @@ def check_deleted_mid_call(
     last: Json = {}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        log = max(log, node.container_log(PROFILE, flight.pod, "driver-plugin"), key=len)
         found = api.get(flight.pod_path)
+        # Read after the look at the pod: its last lines are written just before it goes, and
+        # the files outlive the pod object a moment.
+        log = max(log, node.container_log(PROFILE, flight.pod, "driver-plugin"), key=len)
         if found is None:
             break
         last = sidecar(found) or last
