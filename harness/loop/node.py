@@ -470,6 +470,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     texts.append(log.read_text(errors="replace"))
         return "".join(texts)
 
+    def container_log_file(self, namespace: str, pod: str, container: str) -> Path | None:
+        """The file the kubelet writes that container's current log to, once there is one."""
+        for directory in sorted((self.dir / "pod-logs").glob(f"{namespace}_{pod}_*")):
+            logs = sorted((directory / container).glob("*.log"))
+            if logs:
+                return logs[-1]
+        return None
+
     # Stopping ####
 
     def stop(self) -> None:

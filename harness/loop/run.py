@@ -44,6 +44,7 @@ With --workflow, only those workflows run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import http.client
 import json
@@ -62,7 +63,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import kubernetes.client
 import urllib3
@@ -1113,18 +1114,23 @@ def check_deleted_mid_call(
     flight = start_slow(cluster, watch)
     deleted = time.time()
     cluster.kubectl("-n", PROFILE, "delete", "workflow", flight.name, "--wait=false")
-    log = ""
     last: Json = {}
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        found = api.get(flight.pod_path)
-        # Read after the look at the pod: its last lines are written just before it goes, and
-        # the files outlive the pod object a moment.
-        log = max(log, node.container_log(PROFILE, flight.pod, "driver-plugin"), key=len)
-        if found is None:
-            break
-        last = sidecar(found) or last
-        time.sleep(0.2)
+    # The log file is held open from the start: its last lines come just before the pod goes,
+    # and the kubelet removes the file soon after; an open file can still be read to its end.
+    with contextlib.ExitStack() as stack:
+        log_file: TextIO | None = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if log_file is None:
+                path = node.container_log_file(PROFILE, flight.pod, "driver-plugin")
+                if path is not None:
+                    log_file = stack.enter_context(path.open(errors="replace"))
+            found = api.get(flight.pod_path)
+            if found is None:
+                break
+            last = sidecar(found) or last
+            time.sleep(0.2)
+        log = log_file.read() if log_file is not None else ""
     problems = []
     stopped = [line for line in log.splitlines() if '"msg":"stopped"' in line]
     if not stopped:
