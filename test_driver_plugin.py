@@ -43,6 +43,7 @@ from harness.support import (
     agent_call,
     argo_agent_reads,
     go_parse_duration,
+    wait_for,
 )
 
 ###############################################################################
@@ -842,6 +843,22 @@ def test_a_flat_answer_fills_the_declared_outputs(
     }
 
 
+def test_each_template_gets_its_own_declared_outputs_in_turn(
+    start: Callable[..., Plugin], driver: FakeDriver
+) -> None:
+    # The relay keeps the last template's outputs parsed: a new template must replace them,
+    # and filling one reply's defaults must not change them for the next.
+    driver.script = lambda body: json_answer({})
+    plugin = start()
+    first = [{"name": "out", "valueFrom": {"jsonPath": "$.out", "default": "first"}}]
+    second = [{"name": "out", "valueFrom": {"jsonPath": "$.out", "default": "second"}}]
+    for step, (outputs, default) in enumerate([(first, "first"), (second, "second")] * 2):
+        args = {"type": "CONTAINER", "task_name": f"task-{step}"}  # a new call each time
+        view = plugin.agent(agent_call(args=args, outputs=outputs))
+        assert view.outputs == {"out": default}
+    assert len(driver.seen) == 4
+
+
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
@@ -1384,6 +1401,18 @@ def test_a_call_over_the_memory_budget_gets_a_503_the_agent_retries(
     relay.holding.give(taken or 0)
     assert plugin.agent(agent_call()).phase == "Succeeded"
     assert relay.holding.free == relay.holding.size  # every body's bytes given back
+
+
+def test_a_taker_waiting_for_room_goes_on_as_soon_as_bytes_come_back() -> None:
+    budget = dp.ByteBudget(10)
+    assert budget.take(10) == 10
+    got: list[int | None] = []
+    taker = threading.Thread(target=lambda: got.append(budget.take(4, timeout=60)), daemon=True)
+    taker.start()
+    wait_for("the taker to wait", lambda: budget._waiting == 1, timeout=10, interval=0.01)
+    budget.give(10)
+    taker.join(10)  # without a wake-up it would wait its whole 60 s
+    assert got == [4] and budget.free == 6
 
 
 def test_a_slow_call_answers_running_then_its_result_once(
