@@ -122,7 +122,7 @@ def observe(workflow: Json) -> Observed:
         elif inputs.get("driver-type") == "DAG" and phase == "Succeeded":
             seen.counts["nested DAGs"] += 1
         index = inputs.get("iteration-index") or "-1"
-        seen.counts["loop iterations"] += index.lstrip("-").isdigit() and int(index) >= 0
+        seen.counts["loop iterations"] += index.isdigit()  # "-1" outside a loop
         if outputs.get("condition") in ("true", "false"):
             seen.counts["conditions"] += 1
             seen.counts["conditions false"] += outputs["condition"] == "false"
